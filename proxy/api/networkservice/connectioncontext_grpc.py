@@ -1,0 +1,2 @@
+import purerpc
+import proxy.api.networkservice.connectioncontext_pb2 as proxy_dot_api_dot_networkservice_dot_connectioncontext__pb2

@@ -1,0 +1,2 @@
+import purerpc
+import proxy.api.nsp.v1.model_pb2 as proxy_dot_api_dot_nsp_dot_v1_dot_model__pb2
