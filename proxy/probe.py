@@ -99,6 +99,6 @@ def main(argv: list[str]) -> int:
     except SystemExit as exc:  # argparse: usage error (2) or --help (0)
         return int(exc.code or 0)
     except AddressError as exc:
-        print(f"meridio-proxy probe: -addr {exc}", file=sys.stderr)
+        print(f"meridio-proxy probe: -addr {args.addr!r}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return trio.run(check, args.addr, args.service, args.connect_timeout, args.rpc_timeout)
