@@ -40,7 +40,7 @@ options:
 _SIGNALS = """\
 signals:
   SIGTERM, SIGINT, SIGQUIT  stop gracefully within NSM_SHUTDOWN_TIMEOUT
-  SIGHUP                    re-read the environment and apply the variables marked [SIGHUP]
+  SIGHUP                    re-read NSM_CONFIG_FILE; apply the variables marked [SIGHUP]
   SIGUSR1                   set the log level back to NSM_LOG_LEVEL
   SIGUSR2                   set the log level to TRACE"""
 

@@ -386,8 +386,8 @@ class Config:
     service_name: str = _name(
         "NSM_SERVICE_NAME",
         "proxy",
-        "Prefix of the network service the proxy offers to targets: "
-        "<this>.<conduit>.<trench>.<namespace>.",
+        "Network service the proxy offers to the targets of its node; deployments set "
+        "proxy.<conduit>.<trench>.<namespace>.",
     )
     connect_to: str = _field(
         str,
@@ -433,7 +433,8 @@ class Config:
     network_service_name: str = _name(
         "NSM_NETWORK_SERVICE_NAME",
         "load-balancer",
-        "Prefix of the load-balancers' network service: <this>.<conduit>.<trench>.<namespace>.",
+        "Network service of the conduit's load-balancers; deployments set "
+        "<conduit>.<trench>.<namespace>.",
     )
     namespace: str = _name(
         "NSM_NAMESPACE", "default", "Kubernetes namespace of the trench (part of the NSP address)."
