@@ -51,6 +51,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Duration",
+    "EgressMode",
     "IpFamily",
     "LogFormat",
     "LogLevel",
@@ -218,6 +219,12 @@ class LogFormat(StrEnum):
     TEXT = "text"
 
 
+class EgressMode(StrEnum):
+    AUTO = "auto"
+    RESILIENT = "resilient"
+    MULTIPATH = "multipath"
+
+
 _LEVEL_SPELLINGS = {
     **{level.value: level for level in LogLevel},
     "WARN": LogLevel.WARNING,
@@ -262,6 +269,13 @@ def _structure_level(value: str, _: type) -> LogLevel:
         raise ValueError("unknown log level") from None
 
 
+def _structure_egress_mode(value: str, _: type) -> EgressMode:
+    try:
+        return EgressMode(value.lower())
+    except ValueError:
+        raise ValueError("unknown egress mode") from None
+
+
 def _structure_format(value: str, _: type) -> LogFormat:
     try:
         return LogFormat(value.lower())
@@ -275,6 +289,7 @@ _converter.register_structure_hook(int, _structure_int)
 _converter.register_structure_hook(IpFamily, _structure_family)
 _converter.register_structure_hook(LogLevel, _structure_level)
 _converter.register_structure_hook(LogFormat, _structure_format)
+_converter.register_structure_hook(EgressMode, _structure_egress_mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +314,20 @@ def _check_shutdown(value: float) -> str | None:
     if value <= 0:
         return "not greater than 0"
     return None if value < 30 else "too long"
+
+
+def _check_table(value: int) -> str | None:
+    if value in (0, 253, 254, 255):
+        return "a reserved table"
+    return None if 0 < value < 2**32 else "out of range"
+
+
+def _check_rule_priority(value: int) -> str | None:
+    return None if 1 <= value <= 32765 else "out of range"
+
+
+def _check_buckets(value: int) -> str | None:
+    return None if 1 <= value <= 65535 else "out of range"
 
 
 def _check_port(value: int) -> str | None:
@@ -572,6 +601,71 @@ class Config:
         ),
     )
 
+    routing_table: int = _field(
+        int,
+        Var(
+            "NSM_ROUTING_TABLE",
+            "int",
+            "4096",
+            "Routing table of the VIP egress routes (upstream uses 1); each conduit needs its own.",
+            "a whole number from 1 to 4294967295 other than the reserved 253, 254 and 255",
+            check=_check_table,
+        ),
+    )
+    rule_priority: int = _field(
+        int,
+        Var(
+            "NSM_RULE_PRIORITY",
+            "int",
+            "30000",
+            "Priority of the `from <VIP> lookup <table>` rules (before the main table's 32766).",
+            "a whole number from 1 to 32765",
+            check=_check_rule_priority,
+        ),
+    )
+    reconcile_interval: Duration = _duration(
+        "NSM_RECONCILE_INTERVAL",
+        "30s",
+        "Interval of the full kernel reconcile that repairs drift (changes by hand, lost events).",
+    )
+    egress_mode: EgressMode = _field(
+        EgressMode,
+        Var(
+            "NSM_EGRESS_MODE",
+            "auto|resilient|multipath",
+            "auto",
+            "ECMP over the load-balancers: resilient nexthop group (removing an LB moves no other "
+            "flow; kernel 5.13+), legacy multipath route, or auto (resilient when supported).",
+            "auto, resilient or multipath (any case)",
+        ),
+    )
+    ecmp_buckets: int = _field(
+        int,
+        Var(
+            "NSM_ECMP_BUCKETS",
+            "int",
+            "128",
+            "Buckets of the resilient group: the granularity of the flow spread over the LBs.",
+            "a whole number from 1 to 65535",
+            check=_check_buckets,
+        ),
+    )
+    ecmp_idle_timer: Duration = _duration(
+        "NSM_ECMP_IDLE_TIMER",
+        "5s",
+        "A bucket idle this long may move to another (e.g. a new) load-balancer.",
+    )
+    ecmp_unbalanced_timer: Duration = _field(
+        Duration,
+        Var(
+            "NSM_ECMP_UNBALANCED_TIMER",
+            "duration",
+            "60s",
+            "After this long unbalanced, busy buckets move too (their flows change LB); 0 never.",
+            "a duration of 0 or more such as 0 or 60s",
+            check=_check_non_negative,
+        ),
+    )
     config_file: str = _field(
         str,
         Var(

@@ -207,6 +207,13 @@ NEW_DEFAULTS = {
     "NSM_LOG_FORMAT": LogFormat.JSON,
     "NSM_SHUTDOWN_TIMEOUT": 20.0,
     "NSM_CONFIG_FILE": "",
+    "NSM_ROUTING_TABLE": 4096,
+    "NSM_RULE_PRIORITY": 30000,
+    "NSM_RECONCILE_INTERVAL": 30.0,
+    "NSM_EGRESS_MODE": "auto",
+    "NSM_ECMP_BUCKETS": 128,
+    "NSM_ECMP_IDLE_TIMER": 5.0,
+    "NSM_ECMP_UNBALANCED_TIMER": 60.0,
 }
 
 
@@ -364,6 +371,15 @@ BAD = [
     ("NSM_BRIDGE_IP_RENEW_INTERVAL", "99999999999h", "duration out of range"),
     ("NSM_IP_RELEASE_DELAY", "-1s", "negative"),
     ("NSM_SHUTDOWN_TIMEOUT", "30s", "too long"),
+    ("NSM_ROUTING_TABLE", "254", "a reserved table"),
+    ("NSM_ROUTING_TABLE", "0", "a reserved table"),
+    ("NSM_ROUTING_TABLE", "4294967296", "out of range"),
+    ("NSM_RULE_PRIORITY", "32766", "out of range"),
+    ("NSM_EGRESS_MODE", "ecmp", "unknown egress mode"),
+    ("NSM_ECMP_BUCKETS", "0", "out of range"),
+    ("NSM_ECMP_IDLE_TIMER", "0s", "not greater than 0"),
+    ("NSM_ECMP_UNBALANCED_TIMER", "-1s", "negative"),
+    ("NSM_RECONCILE_INTERVAL", "0", "not greater than 0"),
     ("NSM_SHUTDOWN_TIMEOUT", "0s", "not greater than 0"),
     # integers
     ("NSM_MTU", "abc", "not an integer"),

@@ -1,0 +1,213 @@
+"""The router task: the one owner of the kernel state and of what is wanted of it.
+
+Other tasks send it immutable events (what they want: bridge addresses, target ports, load
+balancers with their interface and addresses, VIPs; what happened: link events). After each batch
+of events, and every `interval` seconds in any case, it reconciles: dump the managed objects,
+plan (a pure function), apply, check. A periodic pass that finds work repaired drift (a rule
+deleted or a port detached by hand) and says so.
+
+A load-balancer's addresses become nexthops only while its interface exists: when the interface
+goes (the LB's namespace vanished), the next reconcile, triggered by the link event, takes its
+nexthop out of the group, which bounds the black-hole to one netlink round-trip after the event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+import trio
+from loguru import logger
+
+from proxy.kernel.apply import Applied, apply_all, describe
+from proxy.kernel.model import (
+    Desired,
+    IPAddress,
+    IPInterface,
+    IPNetwork,
+    Link,
+    Observed,
+    Scope,
+)
+from proxy.kernel.monitor import LinkChanged, Resynced
+from proxy.kernel.netlink import NetlinkWorker
+from proxy.kernel.observe import observe
+from proxy.kernel.plan import Conflict, Op, guard_route, plan
+from proxy.watched import Watched
+
+
+@attrs.frozen
+class SetBridgeAddresses:
+    addresses: frozenset[IPInterface]
+
+
+@attrs.frozen
+class SetTargetPort:
+    name: str
+    wanted: bool = True
+
+
+@attrs.frozen
+class SetLoadBalancer:
+    """An LB connection: its interface becomes a port, its addresses nexthops (while it exists)."""
+
+    key: str
+    interface: str
+    addresses: frozenset[IPAddress]
+
+
+@attrs.frozen
+class RemoveLoadBalancer:
+    key: str
+
+
+@attrs.frozen
+class SetVips:
+    vips: frozenset[IPNetwork]
+
+
+@attrs.frozen
+class PortsKnown:
+    """Every wanted port has been reported: ports not wanted may now be released."""
+
+
+RouterEvent = (
+    SetBridgeAddresses
+    | SetTargetPort
+    | SetLoadBalancer
+    | RemoveLoadBalancer
+    | SetVips
+    | PortsKnown
+    | LinkChanged
+    | Resynced
+)
+
+
+@attrs.frozen
+class LoadBalancer:
+    interface: str
+    addresses: frozenset[IPAddress]
+
+
+@attrs.define
+class Intent:
+    """What the rest of the proxy has asked for (owned by the router task)."""
+
+    bridge_addresses: frozenset[IPInterface] = frozenset()
+    target_ports: frozenset[str] = frozenset()
+    load_balancers: dict[str, LoadBalancer] = attrs.field(factory=dict)
+    vips: frozenset[IPNetwork] = frozenset()
+    ports_known: bool = False
+
+    def update(self, event: RouterEvent) -> None:
+        match event:
+            case SetBridgeAddresses(addresses=addresses):
+                self.bridge_addresses = addresses
+            case SetTargetPort(name=name, wanted=wanted):
+                ports = set(self.target_ports)
+                (ports.add if wanted else ports.discard)(name)
+                self.target_ports = frozenset(ports)
+            case SetLoadBalancer(key=key, interface=interface, addresses=addresses):
+                self.load_balancers[key] = LoadBalancer(interface, addresses)
+            case RemoveLoadBalancer(key=key):
+                self.load_balancers.pop(key, None)
+            case SetVips(vips=vips):
+                self.vips = vips
+            case PortsKnown():
+                self.ports_known = True
+            case LinkChanged() | Resynced():
+                pass  # only a reason to look again
+
+
+def desired_state(intent: Intent, links: Mapping[str, Link], mac: str) -> Desired:
+    """What the kernel should hold now: LBs count only while their interface exists."""
+    present = [lb for lb in intent.load_balancers.values() if lb.interface in links]
+    return Desired(
+        mac=mac,
+        addresses=intent.bridge_addresses,
+        ports=intent.target_ports | {lb.interface for lb in intent.load_balancers.values()},
+        nexthops=frozenset(address for lb in present for address in lb.addresses),
+        vips=intent.vips,
+        prune_ports=intent.ports_known,
+    )
+
+
+def egress_installed(observed: Observed) -> bool:
+    """At least one load-balancer nexthop is in the kernel (not merely wanted)."""
+    return any(route != guard_route(route.family) for route in observed.routes)
+
+
+class Router:
+    def __init__(
+        self,
+        worker: NetlinkWorker,
+        scope: Scope,
+        mac: str,
+        *,
+        interval: float = 30.0,
+    ) -> None:
+        self._worker = worker
+        self.scope = scope
+        self.mac = mac
+        self.interval = interval
+        self.intent = Intent()
+        self.egress: Watched[bool] = Watched(False)
+        # The kernel as of the last reconcile (None before the first): for health and tests.
+        self.observed: Watched[Observed | None] = Watched(None)
+        self.reconciles = 0
+        self.writes = 0  # kernel operations carried out, for tests and benchmarks
+        self.last_failures: tuple[str, ...] = ()
+
+    async def run(
+        self,
+        events: trio.MemoryReceiveChannel[RouterEvent],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Reconcile now (adopting what a previous instance left), then after each batch of
+        events and every `interval`."""
+        await self.reconcile(periodic=False)
+        task_status.started()
+        while True:
+            batch: list[RouterEvent] = []
+            with trio.move_on_after(self.interval):
+                batch.append(await events.receive())
+                while True:
+                    try:
+                        batch.append(events.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+            for event in batch:
+                self.intent.update(event)
+            await self.reconcile(periodic=not batch)
+
+    async def reconcile(self, *, periodic: bool) -> list[Op]:
+        scope = self.scope
+        observed = await self._worker.call(lambda ipr: observe(ipr, scope))
+        desired = desired_state(self.intent, observed.links, self.mac)
+        try:
+            ops = plan(desired, observed, scope)
+        except Conflict as exc:
+            logger.error("cannot manage the bridge", reason=str(exc))
+            self._settle(observed)
+            return []
+        if ops:
+            if periodic:
+                logger.warning("repairing drift", operations=len(ops))
+            for op in ops:
+                logger.info("kernel", op=describe(op))
+            applied: Applied = await self._worker.call(lambda ipr: apply_all(ipr, ops, scope))
+            self.writes += applied.done
+            self.last_failures = tuple(str(f.error) for f in applied.failures)
+            for failure in applied.failures:
+                logger.warning(
+                    "kernel operation failed", op=describe(failure.op), reason=str(failure.error)
+                )
+            observed = await self._worker.call(lambda ipr: observe(ipr, scope))
+        self._settle(observed)
+        return ops
+
+    def _settle(self, observed: Observed) -> None:
+        self.observed.set(observed)
+        self.reconciles += 1
+        self.egress.set(egress_installed(observed))
