@@ -29,8 +29,8 @@ It takes no arguments: it is configured by the environment variables below."""
 _COMMANDS = """\
 subcommands:
   probe   check the health of a running proxy (for Kubernetes exec probes); see `probe --help`
-  debug   print the proxy's network state as JSON (not implemented yet)
-  lab     run the proxy against local stand-ins, without Kubernetes (not implemented yet)
+  debug   print the network state of the proxy's namespace as JSON; see `debug --help`
+  lab     local stand-ins of the proxy's peers, without Kubernetes: `lab ipam`, `lab nsp`
 
 options:
   -h, --help     print this help and exit
@@ -118,8 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         from proxy.probe import main as probe_main
 
         return probe_main(args[1:])
-    if args and args[0] in ("debug", "lab"):
-        return _not_implemented(args[0])
+    if args and args[0] == "lab":
+        from proxy.lab.cli import main as lab_main
+
+        return lab_main(args[1:])
+    if args and args[0] in ("debug", "--debug", "-debug"):  # the flags are upstream's
+        from proxy.kernel.debug import main as debug_main
+
+        return debug_main(args[1:])
     try:
         options = _parser().parse_args(args)
     except _UsageError:
@@ -130,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     if options.version:
         print(f"{PROG} {proxy.__version__}")
         return 0
-    if options.debug:
-        return _not_implemented("debug")
+    if options.debug:  # `--debug` after other flags
+        from proxy.kernel.debug import main as debug_main
+
+        return debug_main([])
     return _run()

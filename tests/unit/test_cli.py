@@ -141,14 +141,6 @@ def test_unknown_flag_or_argument_is_a_usage_error(
     assert "error:" in err
 
 
-@pytest.mark.parametrize("argv", [["debug"], ["lab", "--anything"], ["--debug"], ["-debug"]])
-def test_later_subcommands_are_not_implemented_yet(
-    argv: list[str], capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert cli.main(argv) == 2
-    assert "not implemented yet" in capsys.readouterr().err
-
-
 def test_probe_gets_the_rest_of_argv(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[str]] = []
 
