@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	  else echo "note: missing Debian packages:$$missing (root tests need them)"; fi; fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[lab,test,dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
