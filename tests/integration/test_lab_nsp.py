@@ -348,7 +348,6 @@ async def test_streams_flows_attractors_and_gateways_carry_their_parents(workdir
 
 
 async def test_yaml_with_meridio_items_lists(workdir: str) -> None:
-    pytest.importorskip("yaml")
     text = """
 trench:
   name: trench-a

@@ -28,7 +28,6 @@ def problems(data: Any) -> list[str]:
 
 
 def test_the_documented_example_is_valid() -> None:
-    pytest.importorskip("yaml")
     doc = nsp_config.__doc__ or ""
     example = doc[doc.index("    trench:\n") : doc.index("What is checked")]
     config = parse_config(textwrap.dedent(example))
