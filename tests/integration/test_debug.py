@@ -21,7 +21,6 @@ import pytest
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
     pytest.mark.timeout(60),
 ]
 

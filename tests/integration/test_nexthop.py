@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import functools
 import json
-import os
 import secrets
 import socket
 import statistics
@@ -38,7 +37,6 @@ from proxy.kernel.errors import (
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
     pytest.mark.timeout(60),
 ]
 

@@ -7,7 +7,6 @@ run on a thread inside it (the netlink worker's).
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 from collections.abc import Iterator
@@ -22,7 +21,6 @@ from proxy.kernel.sysctl import REQUIRED
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
 ]
 
 WRONG = {
