@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
+import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
@@ -78,6 +79,25 @@ class PingAcked:
 
 class _Protocol(GRPCConnection):  # type: ignore[misc]
     """purerpc's state machine, reporting the three events it drops on the floor."""
+
+    def __init__(self, config: GRPCConfiguration) -> None:
+        super().__init__(config)
+        # h2 3.2 closes its whole state machine on receiving GOAWAY, so the frames a server sends
+        # after it while draining (grpcio and grpc-go: a PING, then the in-flight responses) are
+        # a ProtocolError and every call in flight fails. Keep the state: `Connection` refuses
+        # new calls once it has seen GOAWAY, and the streams the peer lets finish can finish.
+        h2_connection = self.h2_connection
+        receive_goaway = h2_connection._frame_dispatch_table[h2.connection.GoAwayFrame]
+
+        def receive_goaway_keeping_state(frame: Any) -> Any:
+            state = h2_connection.state_machine.state
+            result = receive_goaway(frame)
+            h2_connection.state_machine.state = state
+            return result
+
+        h2_connection._frame_dispatch_table[h2.connection.GoAwayFrame] = (
+            receive_goaway_keeping_state
+        )
 
     def _stream_reset(self, event: h2.events.StreamReset) -> list[Any]:
         return [StreamReset(event.stream_id, int(event.error_code))]
