@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tests tools
-	$(BIN)/ruff format --check proxy tests tools
+	$(BIN)/ruff check proxy tests tools benchmarks
+	$(BIN)/ruff format --check proxy tests tools benchmarks
 
 types: $(STAMP)
 	$(BIN)/mypy
@@ -46,8 +46,9 @@ proto: $(STAMP)
 demo: $(STAMP)
 	@echo "make demo arrives with the lab topology (issue 6); for now run: make test"
 
+# Figures, not pass/fail (root: throw-away network namespaces). See benchmarks/README.md.
 bench: $(STAMP)
-	@echo "no benchmarks yet"
+	$(BIN)/python -m benchmarks.reconcile
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -13,7 +13,7 @@ import attrs
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from proxy.kernel import announce, nexthop
+from proxy.kernel import announce, nexthop, rtnl
 from proxy.kernel.errors import Exists, KernelError, NotFound, from_netlink_error
 from proxy.kernel.model import Family, RouteType, Scope
 from proxy.kernel.plan import (
@@ -47,8 +47,12 @@ class Applied:
 
 
 def apply_all(ipr: IPRoute, ops: list[Op], scope: Scope) -> Applied:
+    """Carry out `ops` in order; the rule changes (last in a plan) go out as one fast batch."""
     failures = []
+    rules = [op for op in ops if isinstance(op, AddRule | DelRule)]
     for op in ops:
+        if isinstance(op, AddRule | DelRule):
+            continue
         try:
             _apply(ipr, op, scope)
         except NetlinkError as exc:
@@ -58,6 +62,11 @@ def apply_all(ipr: IPRoute, ops: list[Op], scope: Scope) -> Applied:
         except KernelError as error:
             if not _already_done(op, error):
                 failures.append(Failure(op, error))
+    answers = rtnl.write_rules([(isinstance(op, AddRule), op.rule) for op in rules])
+    for rule_op, answer in zip(rules, answers, strict=True):
+        if answer is not None and not _already_done(rule_op, answer):
+            answer.operation = describe(rule_op)
+            failures.append(Failure(rule_op, answer))
     return Applied(len(ops) - len(failures), tuple(failures))
 
 
@@ -173,15 +182,8 @@ def _apply(ipr: IPRoute, op: Op, scope: Scope) -> None:
             nexthop.delete_route(
                 ipr, family=route.family, table=table, dst="default", priority=route.metric
             )
-        case AddRule(rule=rule) | DelRule(rule=rule):
-            ipr.rule(
-                "add" if isinstance(op, AddRule) else "del",
-                family=rule.family,
-                src=str(rule.source.network_address),
-                src_len=rule.source.prefixlen,
-                table=rule.table,
-                priority=rule.priority,
-            )
+        case AddRule() | DelRule():
+            raise AssertionError("rules are written in one batch by apply_all")
 
 
 def _mac(ipr: IPRoute, device: str) -> str:

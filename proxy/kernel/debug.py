@@ -487,7 +487,7 @@ def managed(sources: Sources) -> dict[str, Any]:
     try:
         from proxy.kernel.observe import observe
 
-        result["observed"] = converter.unstructure(observe(sources.ipr, sources.scope))
+        result["observed"] = converter.unstructure(observe(sources.scope))
     except Exception as exc:
         result["error"] = _error_text(exc)
     return result

@@ -14,15 +14,12 @@ import socket
 import attrs
 import trio
 from loguru import logger
-from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from proxy.kernel.model import Link
 from proxy.kernel.netlink import NetlinkWorker, in_netns
-from proxy.kernel.observe import dump_links, link_from_message
+from proxy.kernel.rtnl import RTM_DELLINK, RTM_NEWLINK, dump_links, link_from_payload, messages
 
 RTMGRP_LINK = 0x1
-RTM_NEWLINK = 16
-RTM_DELLINK = 17
 
 
 @attrs.frozen
@@ -74,7 +71,6 @@ class LinkMonitor:
         self.resyncs = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        marshal = MarshalRtnl()
         started = False
         while True:
             raw = open_link_socket(self._worker.netns, self._receive_buffer)
@@ -84,16 +80,15 @@ class LinkMonitor:
                     started = True
                 else:
                     # Subscribed again before the dump: nothing can fall between the two.
-                    links = tuple(await self._worker.call(dump_links))
+                    links = tuple(await self._worker.call(lambda _ipr: dump_links()))
                     self.resyncs += 1
                     await self._events.send(Resynced(links))
                 try:
                     while True:
                         data = await sock.recv(1 << 16)
-                        for message in marshal.parse(data):
-                            kind = message["header"]["type"]
+                        for kind, payload in messages(data):
                             if kind in (RTM_NEWLINK, RTM_DELLINK):
-                                link = link_from_message(message)
+                                link = link_from_payload(payload)
                                 await self._events.send(LinkChanged(link, kind == RTM_DELLINK))
                 except OSError as exc:
                     if exc.errno != errno.ENOBUFS:
