@@ -38,8 +38,10 @@ import cattrs
 from pyroute2 import IPRoute
 
 import proxy
+from proxy import config
 from proxy.kernel.model import Family, Scope
 from proxy.kernel.netlink import in_netns
+from proxy.kernel.settings import scope_from_config
 
 __all__ = [
     "SECTIONS",
@@ -593,8 +595,13 @@ def main(argv: list[str] | None = None) -> int:
         options = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
+    environ = dict(os.environ)
     try:
-        document = dump(options.netns)
+        scope = scope_from_config(config.load_environment(environ))
+    except config.ConfigError:
+        scope = Scope()  # the document still helps; `managed` then shows the default scope
+    try:
+        document = dump(options.netns, environ=environ, scope=scope)
     except Exception as exc:  # the sections catch their own: this is namespace or socket
         where = f" in network namespace {options.netns}" if options.netns else ""
         print(f"{PROG}: cannot read the network state{where}: {_error_text(exc)}", file=sys.stderr)
