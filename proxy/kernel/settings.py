@@ -1,9 +1,14 @@
-"""The kernel side of the configuration: the `Scope` the proxy manages and its bridge MAC."""
+"""The kernel side of the configuration: the `Scope` the proxy manages and its bridge MAC,
+and what the proxy checks of its namespace at start."""
 
 from __future__ import annotations
 
-from proxy.config import Config, EgressMode
-from proxy.kernel import model
+from loguru import logger
+
+from proxy.config import Config, EgressMode, IpFamily
+from proxy.kernel import model, nexthop, sysctl
+from proxy.kernel.errors import KernelError
+from proxy.kernel.netlink import NetlinkWorker
 
 
 def scope_from_config(config: Config, *, resilient_supported: bool = True) -> model.Scope:
@@ -25,3 +30,32 @@ def scope_from_config(config: Config, *, resilient_supported: bool = True) -> mo
 def bridge_mac(config: Config) -> str:
     """Stable across restarts of the proxy on this node, for this trench and conduit."""
     return model.stable_mac(config.host, config.trench, config.conduit)
+
+
+async def prepare(worker: NetlinkWorker, config: Config) -> model.Scope:
+    """At start: probe the kernel's nexthop support, check and fix the sysctls (logged once),
+    and return the scope to manage. Raises KernelError only when the mode was forced to
+    `resilient` and the kernel cannot do it."""
+    support = await worker.call(nexthop.probe_support)
+    scope = scope_from_config(config, resilient_supported=support.resilient_groups)
+    if config.egress_mode is EgressMode.RESILIENT and not support.resilient_groups:
+        raise KernelError(
+            95,  # EOPNOTSUPP
+            "NSM_EGRESS_MODE=resilient, but this kernel has no resilient nexthop groups",
+            support.resilient_reason or support.nexthop_reason or None,
+        )
+    logger.info(
+        "kernel egress",
+        mode=scope.mode.name.lower(),
+        resilient_groups=support.resilient_groups,
+        reason=support.resilient_reason or "-",
+    )
+    families = [f for f in (model.Family.V4, model.Family.V6) if _uses(config.ip_family, f)]
+    await sysctl.ensure_and_log(worker, families)
+    return scope
+
+
+def _uses(configured: IpFamily, family: model.Family) -> bool:
+    if configured is IpFamily.DUALSTACK:
+        return True
+    return (configured is IpFamily.IPV4) == (family is model.Family.V4)
