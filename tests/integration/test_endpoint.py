@@ -1,0 +1,238 @@
+"""The target-facing endpoint over a real UNIX socket (and directly, for timers)."""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from proxy import rpc
+from proxy.api.networkservice import connection_grpc, networkservice_grpc
+from proxy.api.networkservice.connection_pb2 import (
+    Connection,
+    ConnectionEventType,
+    Mechanism,
+    MonitorScopeSelector,
+    PathSegment,
+)
+from proxy.api.networkservice.networkservice_pb2 import NetworkServiceRequest
+from proxy.kernel.router import RouterEvent, SetTargetPort
+from proxy.nsm.endpoint import TargetEndpoint, interface_name
+from proxy.rpc.connection import Peer
+from proxy.watched import Watched
+
+pytestmark = pytest.mark.timeout(30)
+SERVICE = "proxy.conduit-a.trench-a.red"
+GATEWAYS = frozenset(
+    {ipaddress.ip_interface("198.18.1.1/24"), ipaddress.ip_interface("2001:db8:1::1/64")}
+)
+
+
+@attrs.frozen
+class Pair:
+    src: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]
+    dst: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...]
+
+
+class FakeAddresses:
+    def __init__(self) -> None:
+        self.allocated: list[str] = []
+        self.released: list[str] = []
+
+    async def allocate_pair(self, key: str) -> Pair:
+        self.allocated.append(key)
+        n = 10 + 2 * (sorted(set(self.allocated)).index(key))
+        return Pair(
+            (
+                ipaddress.ip_interface(f"198.18.1.{n}/24"),
+                ipaddress.ip_interface(f"2001:db8:1::{n:x}/64"),
+            ),
+            (
+                ipaddress.ip_interface(f"198.18.1.{n + 1}/24"),
+                ipaddress.ip_interface(f"2001:db8:1::{n + 1:x}/64"),
+            ),
+        )
+
+    def release_later(self, key: str) -> None:
+        self.released.append(key)
+
+
+def target_request(name: str = "target-a", mechanism: str = "KERNEL") -> NetworkServiceRequest:
+    conn_id = f"{name}-red-0"
+    connection = Connection(id=conn_id, network_service=SERVICE, labels={"nodeName": "node-a"})
+    connection.path.path_segments.append(PathSegment(name=name, id=conn_id))
+    return NetworkServiceRequest(
+        connection=connection, mechanism_preferences=[Mechanism(cls="LOCAL", type=mechanism)]
+    )
+
+
+def make_endpoint(
+    router: trio.MemorySendChannel[RouterEvent], addresses: FakeAddresses
+) -> TargetEndpoint:
+    return TargetEndpoint(
+        name="proxy-a",
+        service_name=SERVICE,
+        mtu=1450,
+        addresses=addresses,
+        gateways=Watched(GATEWAYS),
+        router=router,
+        default_lifetime=60.0,
+        allocation_timeout=5.0,
+    )
+
+
+@attrs.define
+class Served:
+    endpoint: TargetEndpoint
+    addresses: FakeAddresses
+    router: trio.MemoryReceiveChannel[RouterEvent]
+    stub: networkservice_grpc.NetworkServiceStub
+    monitor: connection_grpc.MonitorConnectionStub
+
+
+@pytest.fixture
+async def served(nursery: trio.Nursery) -> AsyncIterator[Served]:
+    directory = tempfile.mkdtemp(dir="/tmp", prefix="mp-nse-")
+    send, receive = trio.open_memory_channel[RouterEvent](100)
+    addresses = FakeAddresses()
+    endpoint = make_endpoint(send, addresses)
+    path = f"{directory}/listen.on"
+    await nursery.start(rpc.Server(endpoint.servicers()).serve_unix, path)
+    nursery.start_soon(endpoint.run)
+    try:
+        async with rpc.open_channel(f"unix://{path}") as channel:
+            yield Served(
+                endpoint,
+                addresses,
+                receive,
+                networkservice_grpc.NetworkServiceStub(channel),
+                connection_grpc.MonitorConnectionStub(channel),
+            )
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_bad_requests_are_refused_with_a_reason(served: Served) -> None:
+    cases = {
+        "no connection": NetworkServiceRequest(),
+        "no id": target_request(),
+        "no network service": target_request(),
+        "no supported mechanism": target_request(mechanism="MEMIF"),
+        "no path": target_request(),
+    }
+    cases["no id"].connection.id = ""
+    cases["no network service"].connection.network_service = ""
+    del cases["no path"].connection.path.path_segments[:]
+    for words, request in cases.items():
+        with pytest.raises(rpc.InvalidArgumentError) as refused:
+            await served.stub.Request(request)
+        print(f"{words}: {refused.value.status.status_message}")
+    assert served.addresses.allocated == []
+
+
+async def test_a_target_connects_refreshes_and_closes(served: Served) -> None:
+    request = target_request()
+    with trio.fail_after(5):
+        answer = await served.stub.Request(request)
+    assert answer.id == "target-a-red-0" and answer.path.index == 0
+    assert [s.name for s in answer.path.path_segments] == ["target-a", "proxy-a"]
+    ours = answer.path.path_segments[1].id
+    assert ours and ours != answer.id
+    name = interface_name(SERVICE, "target-a-red-0")
+    assert len(name) <= 15
+    assert answer.mechanism.type == "KERNEL" and answer.mechanism.parameters["name"] == name
+    assert answer.context.MTU == 1450
+    ip = answer.context.ip_context
+    assert list(ip.src_ip_addrs) == ["198.18.1.10/24", "2001:db8:1::a/64"]
+    assert list(ip.dst_ip_addrs) == ["198.18.1.11/24", "2001:db8:1::b/64"]
+    assert list(ip.extra_prefixes) == ["198.18.1.1/24", "2001:db8:1::1/64"]
+    assert served.router.receive_nowait() == SetTargetPort(name)
+
+    refreshed = await served.stub.Request(NetworkServiceRequest(connection=answer))
+    assert refreshed.path.path_segments[1].id == ours
+    assert refreshed.context.ip_context.src_ip_addrs == ip.src_ip_addrs
+    with pytest.raises(trio.WouldBlock):
+        served.router.receive_nowait()  # the port is already wanted
+
+    await served.stub.Close(refreshed)
+    assert served.addresses.released == ["target-a-red-0"]
+    assert served.router.receive_nowait() == SetTargetPort(name, wanted=False)
+    assert served.endpoint.connections == {}
+    await served.stub.Close(refreshed)  # twice: still fine
+
+
+async def test_monitor_reports_initial_state_updates_and_deletes(served: Served) -> None:
+    first = await served.stub.Request(target_request("target-a"))
+    selector = MonitorScopeSelector(path_segments=[PathSegment(name="target-b")])
+    events = []
+    monitor = served.monitor.MonitorConnections
+    async with (
+        rpc.server_stream(monitor, MonitorScopeSelector()) as all_events,
+        rpc.server_stream(monitor, selector) as b_only,
+    ):
+        events.append(await all_events.__anext__())
+        assert len(events[0].connections) == 1
+        initial_b = await b_only.__anext__()
+        assert initial_b.type == ConnectionEventType.INITIAL_STATE_TRANSFER
+        assert len(initial_b.connections) == 0
+        second = await served.stub.Request(target_request("target-b"))
+        update = await all_events.__anext__()
+        assert update.type == ConnectionEventType.UPDATE
+        assert (await b_only.__anext__()).type == ConnectionEventType.UPDATE
+        await served.stub.Close(first)
+        delete = await all_events.__anext__()
+        assert delete.type == ConnectionEventType.DELETE
+        await served.stub.Close(second)
+        assert (await b_only.__anext__()).type == ConnectionEventType.DELETE
+
+
+async def test_noop_mechanism_has_no_interface_and_no_port(served: Served) -> None:
+    answer = await served.stub.Request(target_request(mechanism="NOOP"))
+    assert answer.mechanism.type == "NOOP"
+    assert "name" not in answer.mechanism.parameters
+    with pytest.raises(trio.WouldBlock):
+        served.router.receive_nowait()
+
+
+async def test_an_unrefreshed_connection_expires_like_nsm_times_it_out(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    mock_clock.autojump_threshold = 0
+    send, receive = trio.open_memory_channel[RouterEvent](100)
+    addresses = FakeAddresses()
+    wall = time.time()
+    endpoint = TargetEndpoint(
+        name="proxy-a",
+        service_name=SERVICE,
+        mtu=1500,
+        addresses=addresses,
+        gateways=Watched(GATEWAYS),
+        router=send,
+        default_lifetime=60.0,
+        allocation_timeout=5.0,
+        wall_clock=lambda: wall + trio.current_time(),
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(endpoint.run)
+        request = target_request()
+        # The target's segment says its token lasts 10 s (NSM's timeout closes then).
+        request.connection.path.path_segments[0].expires.FromSeconds(int(wall) + 10)
+        context = rpc.CallContext("s", "m", (), Peer("test"), float("inf"))
+        await endpoint.request(request, context)
+        assert receive.receive_nowait() == SetTargetPort(interface_name(SERVICE, "target-a-red-0"))
+        await trio.sleep(9)
+        assert endpoint.connections and addresses.released == []
+        await trio.sleep(2)
+        assert endpoint.connections == {}
+        assert addresses.released == ["target-a-red-0"]
+        assert receive.receive_nowait() == SetTargetPort(
+            interface_name(SERVICE, "target-a-red-0"), wanted=False
+        )
+        nursery.cancel_scope.cancel()
