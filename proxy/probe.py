@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import attrs
 import trio
 
 from proxy.api.health.v1 import health_grpc
@@ -64,8 +65,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-async def check(address: str, service: str, connect_timeout: float, rpc_timeout: float) -> int:
-    """Run one Check and return the exit status (the message goes to stdout/stderr)."""
+@attrs.frozen
+class Answer:
+    code: int  # the exit status
+    message: str
+    to_stderr: bool
+
+
+async def ask(address: str, service: str, connect_timeout: float, rpc_timeout: float) -> Answer:
+    """One Check of `service` at `address`: its answer as an exit status and a message."""
     try:
         async with open_channel(address, connect_timeout=connect_timeout) as channel:
             with trio.fail_after(rpc_timeout):
@@ -73,23 +81,26 @@ async def check(address: str, service: str, connect_timeout: float, rpc_timeout:
                     HealthCheckRequest(service=service)
                 )
     except trio.TooSlowError:
-        print(f"error: health rpc did not complete within {rpc_timeout:g}s", file=sys.stderr)
-        return EXIT_RPC
+        return Answer(EXIT_RPC, f"error: health rpc did not complete within {rpc_timeout:g}s", True)
     except ConnectFailed as exc:
-        print(f"error: {exc.status.status_message}", file=sys.stderr)
-        return EXIT_CONNECT
+        return Answer(EXIT_CONNECT, f"error: {exc.status.status_message}", True)
     except RpcFailedError as exc:
         if exc.status.status_code == StatusCode.NOT_FOUND:
-            print(f"service unhealthy: {service!r} is unknown to the server", file=sys.stderr)
-            return EXIT_NOT_SERVING
-        print(f"error: {describe_status(exc)}", file=sys.stderr)
-        return EXIT_RPC
+            return Answer(
+                EXIT_NOT_SERVING, f"service unhealthy: {service!r} is unknown to the server", True
+            )
+        return Answer(EXIT_RPC, f"error: {describe_status(exc)}", True)
     name = HealthCheckResponse.ServingStatus.Name(reply.status)
     if reply.status != HealthCheckResponse.SERVING:
-        print(f"service unhealthy (responded with {name})", file=sys.stderr)
-        return EXIT_NOT_SERVING
-    print(f"status: {name}")
-    return EXIT_SERVING
+        return Answer(EXIT_NOT_SERVING, f"service unhealthy (responded with {name})", True)
+    return Answer(EXIT_SERVING, f"status: {name}", False)
+
+
+async def check(address: str, service: str, connect_timeout: float, rpc_timeout: float) -> int:
+    """Run one Check and return the exit status (the message goes to stdout/stderr)."""
+    answer = await ask(address, service, connect_timeout, rpc_timeout)
+    print(answer.message, file=sys.stderr if answer.to_stderr else sys.stdout)
+    return answer.code
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,160 @@
+"""The proxy's own registration in NSM: its network service (once) and its endpoint (kept alive).
+
+* NS `proxy.<conduit>.<trench>.<namespace>`, payload ETHERNET, matching `nodeName` so that NSM
+  routes each target to the proxy of its own node (behaviour reference §5.1);
+* NSE `<NSM_NAME>` offering it with the label `nodeName=<NSM_HOST>`, at the endpoint socket's
+  URL, lifetime 1 minute, re-registered at 2/3 of what is left (§5.2-5.3);
+* on stop, the NSE is unregistered (expiration `{seconds: -1}`) within 3 s of the budget.
+
+Every attempt has a deadline and failures are retried with backoff, and all of it ends at once
+on cancellation: upstream's registration ignored SIGTERM (§11.13).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+from google.protobuf.timestamp_pb2 import Timestamp
+from loguru import logger
+
+from proxy.api.registry import registry_grpc
+from proxy.api.registry.registry_pb2 import (
+    Destination,
+    Match,
+    NetworkService,
+    NetworkServiceEndpoint,
+    NetworkServiceLabels,
+)
+from proxy.rpc import Backoff, ReconnectingChannel, RpcFailedError
+from proxy.rpc.status import describe_status
+from proxy.shutdown import Shutdown
+
+LIFETIME = 60.0  # Meridio forces one minute
+UNREGISTER_LIMIT = 3.0
+NODE_TEMPLATE = "{{.nodeName}}"
+
+
+def network_service(name: str) -> NetworkService:
+    return NetworkService(
+        name=name,
+        payload="ETHERNET",
+        matches=[
+            Match(
+                source_selector={"nodeName": NODE_TEMPLATE},
+                routes=[Destination(destination_selector={"nodeName": NODE_TEMPLATE})],
+            )
+        ],
+    )
+
+
+def endpoint(
+    name: str, service: str, host: str, url: str, expires: float
+) -> NetworkServiceEndpoint:
+    return NetworkServiceEndpoint(
+        name=name,
+        network_service_names=[service],
+        network_service_labels={service: NetworkServiceLabels(labels={"nodeName": host})},
+        url=url,
+        expiration_time=_timestamp(expires),
+    )
+
+
+def refresh_after(expiration: Timestamp, now: float) -> float:
+    """Seconds until the next registration: 2/3 of the lifetime left (at least 0.2 s)."""
+    left = expiration.seconds + expiration.nanos / 1e9 - now
+    return max(0.2, left * 2 / 3)
+
+
+class Registration:
+    def __init__(
+        self,
+        nsm: ReconnectingChannel,
+        *,
+        name: str,
+        service: str,
+        host: str,
+        url: str,
+        call_timeout: float,
+        backoff: Backoff,
+        shutdown: Shutdown,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._nsm = nsm
+        self._name = name
+        self._service = service
+        self._host = host
+        self._url = url
+        self._call_timeout = call_timeout
+        self._backoff = backoff
+        self._shutdown = shutdown
+        self._wall = wall_clock
+        self.registrations = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Register, keep registered; `started` once the endpoint is registered."""
+        await self._until_done("register network service", self._register_service)
+        try:
+            expiration = await self._until_done("register endpoint", self._register_endpoint)
+            logger.info(
+                "endpoint registered", name=self._name, service=self._service, url=self._url
+            )
+            task_status.started()
+            while True:
+                await trio.sleep(refresh_after(expiration, self._wall()))
+                expiration = await self._until_done("refresh endpoint", self._register_endpoint)
+        finally:
+            with self._shutdown.cleanup(UNREGISTER_LIMIT) as scope:
+                await self._unregister()
+            if scope.cancelled_caught:
+                logger.warning("endpoint not unregistered in time", name=self._name)
+
+    async def _until_done(
+        self, what: str, attempt: Callable[[], Awaitable[Timestamp]]
+    ) -> Timestamp:
+        failures = 0
+        while True:
+            try:
+                with trio.fail_after(self._call_timeout):
+                    result = await attempt()
+                self._backoff.reset()
+                return result
+            except (RpcFailedError, trio.TooSlowError) as exc:
+                reason = describe_status(exc) if isinstance(exc, RpcFailedError) else "timed out"
+                if failures == 0:
+                    logger.warning("registration failed, retrying", step=what, reason=reason)
+                failures += 1
+            await trio.sleep(self._backoff.next_delay())
+
+    async def _register_service(self) -> Timestamp:
+        stub = registry_grpc.NetworkServiceRegistryStub(await self._nsm.get())
+        await stub.Register(network_service(self._service))
+        return Timestamp()
+
+    async def _register_endpoint(self) -> Timestamp:
+        stub = registry_grpc.NetworkServiceEndpointRegistryStub(await self._nsm.get())
+        nse = endpoint(self._name, self._service, self._host, self._url, self._wall() + LIFETIME)
+        answer: NetworkServiceEndpoint = await stub.Register(nse)
+        self.registrations += 1
+        return answer.expiration_time if answer.HasField("expiration_time") else nse.expiration_time
+
+    async def _unregister(self) -> None:
+        nse = endpoint(self._name, self._service, self._host, self._url, 0)
+        nse.expiration_time.seconds = -1
+        nse.expiration_time.nanos = 0
+        try:
+            stub = registry_grpc.NetworkServiceEndpointRegistryStub(await self._nsm.get())
+            await stub.Unregister(nse)
+            logger.info("endpoint unregistered", name=self._name)
+        except RpcFailedError as exc:
+            logger.warning(
+                "endpoint not unregistered", name=self._name, reason=describe_status(exc)
+            )
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.seconds = int(seconds)
+    stamp.nanos = int((seconds - int(seconds)) * 1e9)
+    return stamp
