@@ -34,6 +34,7 @@ from proxy.kernel.model import EgressMode, Observed, Scope, stable_mac
 from proxy.kernel.monitor import LinkMonitor
 from proxy.kernel.netlink import NetlinkWorker
 from proxy.kernel.router import (
+    ConnectionsKnown,
     Router,
     RouterEvent,
     SetBridgeAddresses,
@@ -173,6 +174,7 @@ async def run(netns: str, socket_dir: str) -> dict[str, str]:
         for i in range(LBS):
             await send.send(SetLoadBalancer(f"lb-{i}", f"lb{i}", lb_gateways(i)))
         await send.send(SetVips(vips))
+        await send.send(ConnectionsKnown())
         await wait_for(
             router,
             lambda o: (

@@ -13,7 +13,6 @@ nexthop out of the group, which bounds the black-hole to one netlink round-trip 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from functools import partial
 
 import attrs
@@ -27,7 +26,6 @@ from proxy.kernel.model import (
     IPAddress,
     IPInterface,
     IPNetwork,
-    Link,
     Observed,
     Scope,
 )
@@ -84,8 +82,10 @@ class SetVips:
 
 
 @attrs.frozen
-class PortsKnown:
-    """Every wanted port has been reported: ports not wanted may now be released."""
+class ConnectionsKnown:
+    """Every load-balancer and target connection there is has been reported (the mesh and the
+    endpoint have settled after start): what a previous instance left and nobody wants now may
+    go (stale nexthops, ports)."""
 
 
 RouterEvent = (
@@ -94,7 +94,7 @@ RouterEvent = (
     | SetLoadBalancer
     | RemoveLoadBalancer
     | SetVips
-    | PortsKnown
+    | ConnectionsKnown
     | LinkChanged
     | Resynced
 )
@@ -114,12 +114,17 @@ class Intent:
     target_ports: frozenset[str] = frozenset()
     load_balancers: dict[str, LoadBalancer] = attrs.field(factory=dict)
     vips: frozenset[IPNetwork] = frozenset()
-    ports_known: bool = False
+    # Until a source has spoken, the router adopts what the kernel holds for it instead of
+    # removing it: a restart must not drop traffic while IPAM, NSP and NSM are asked again.
+    addresses_known: bool = False
+    vips_known: bool = False
+    connections_known: bool = False
 
     def update(self, event: RouterEvent) -> None:
         match event:
             case SetBridgeAddresses(addresses=addresses):
                 self.bridge_addresses = addresses
+                self.addresses_known = True
             case SetTargetPort(name=name, wanted=wanted):
                 ports = set(self.target_ports)
                 (ports.add if wanted else ports.discard)(name)
@@ -130,23 +135,36 @@ class Intent:
                 self.load_balancers.pop(key, None)
             case SetVips(vips=vips):
                 self.vips = vips
-            case PortsKnown():
-                self.ports_known = True
+                self.vips_known = True
+            case ConnectionsKnown():
+                self.connections_known = True
             case LinkChanged() | Resynced():
                 pass  # only a reason to look again
 
 
-def desired_state(intent: Intent, links: Mapping[str, Link], mac: str) -> Desired:
-    """What the kernel should hold now: LBs count only while their interface exists."""
-    present = [lb for lb in intent.load_balancers.values() if lb.interface in links]
+def desired_state(intent: Intent, observed: Observed, mac: str) -> Desired:
+    """What the kernel should hold now. LBs count only while their interface exists; what a
+    source has not reported yet is kept as the kernel has it (adopted, not flushed)."""
+    present = [lb for lb in intent.load_balancers.values() if lb.interface in observed.links]
+    nexthops = {address for lb in present for address in lb.addresses}
+    if not intent.connections_known:
+        nexthops |= adopted_gateways(observed)
     return Desired(
         mac=mac,
-        addresses=intent.bridge_addresses,
+        addresses=intent.bridge_addresses if intent.addresses_known else observed.bridge_addresses,
         ports=intent.target_ports | {lb.interface for lb in intent.load_balancers.values()},
-        nexthops=frozenset(address for lb in present for address in lb.addresses),
-        vips=intent.vips,
-        prune_ports=intent.ports_known,
+        nexthops=frozenset(nexthops),
+        vips=intent.vips if intent.vips_known else frozenset(r.source for r in observed.rules),
+        prune_ports=intent.connections_known,
     )
+
+
+def adopted_gateways(observed: Observed) -> set[IPAddress]:
+    """The load-balancer addresses the kernel already routes through (a previous instance's)."""
+    members = {
+        nh.gateway for nh in observed.nexthops.values() if not nh.is_group and nh.gateway
+    }
+    return members | {gateway for route in observed.routes for gateway in route.gateways}
 
 
 def kinds_for(events: list[RouterEvent], bridge: str) -> Kinds:
@@ -156,8 +174,10 @@ def kinds_for(events: list[RouterEvent], bridge: str) -> Kinds:
         match event:
             case SetBridgeAddresses():
                 kinds |= Kinds.LINKS | Kinds.ADDRESSES
-            case SetTargetPort() | PortsKnown():
+            case SetTargetPort():
                 kinds |= Kinds.LINKS
+            case ConnectionsKnown():
+                kinds |= Kinds.LINKS | Kinds.NEXTHOPS | Kinds.ROUTES
             case SetLoadBalancer() | RemoveLoadBalancer():
                 kinds |= Kinds.LINKS | Kinds.NEXTHOPS | Kinds.ROUTES
             case SetVips():
@@ -225,7 +245,7 @@ class ReconcileJob:
 
     def run(self, ipr: IPRoute, *, previous: Observed | None) -> ReconcileResult:
         observed = observe(self.scope, self.kinds, previous)
-        desired = desired_state(self.intent, observed.links, self.mac)
+        desired = desired_state(self.intent, observed, self.mac)
         nothing = Applied(0, ())
         try:
             ops = plan(desired, observed, self.scope)

@@ -24,6 +24,7 @@ from proxy.kernel.model import EgressMode, Observed, Scope, stable_mac
 from proxy.kernel.monitor import LinkEvent, LinkMonitor, Resynced
 from proxy.kernel.netlink import NetlinkWorker, in_netns
 from proxy.kernel.router import (
+    ConnectionsKnown,
     Router,
     SetBridgeAddresses,
     SetLoadBalancer,
@@ -143,6 +144,7 @@ async def lab(lb_count: int, mode: EgressMode = EgressMode.RESILIENT) -> AsyncIt
             await nursery.start(router.run, receive)
             await send.send(SetBridgeAddresses(frozenset({BRIDGE_V4, BRIDGE_V6})))
             await send.send(SetVips(frozenset({VIP_V4, VIP_V6})))
+            await send.send(ConnectionsKnown())  # no previous instance to wait for here
             yield Lab(proxy, lbs, router, send, worker)
             nursery.cancel_scope.cancel()
 
@@ -337,8 +339,9 @@ async def test_stale_objects_of_an_old_instance_are_removed() -> None:
         )
         worker = NetlinkWorker(proxy)
         router = Router(worker, Scope(), stable_mac("n", "t", "c"), interval=3600)
-        router.intent.bridge_addresses = frozenset({BRIDGE_V4})
-        router.intent.vips = frozenset({VIP_V4})
+        router.intent.update(SetBridgeAddresses(frozenset({BRIDGE_V4})))
+        router.intent.update(SetVips(frozenset({VIP_V4})))
+        router.intent.update(ConnectionsKnown())
         async with trio.open_nursery() as nursery:
             await nursery.start(worker.run)
             await router.reconcile(periodic=False)
@@ -431,3 +434,23 @@ def no_leftover_namespaces() -> Iterator[None]:
     yield
     leftover = {n for n in ip("netns", "list").split() if n.startswith("mp-")} - before
     assert not leftover, f"namespaces left behind: {leftover}"
+
+
+async def test_a_restart_keeps_what_sources_have_not_reported_yet() -> None:
+    """Until IPAM, NSP and NSM have spoken again, the kernel's state is adopted, not removed."""
+    async with lab(2) as env:
+        for i in range(2):
+            await env.add_lb(i)
+        await env.settle(lambda o: len(members(o, 4)) == 2 and len(o.rules) == 2)
+        before = ip_json("rule", "show", "table", "4096", netns=env.proxy)
+        fresh = Router(env.worker, env.router.scope, env.router.mac, interval=3600)
+        assert await fresh.reconcile() == []  # nothing reported yet: everything adopted
+        fresh.intent.update(SetVips(frozenset({VIP_V4})))  # NSP speaks: only its VIPs stay
+        ops = await fresh.reconcile()
+        assert [type(op).__name__ for op in ops] == ["DelRule"]
+        assert ip_json("rule", "show", "table", "4096", netns=env.proxy) == [
+            r for r in before if r["src"] == str(VIP_V4.network_address)
+        ]
+        fresh.intent.update(ConnectionsKnown())  # NSM settled, no LB reported: egress goes
+        await fresh.reconcile()
+        assert fresh.egress.value is False
