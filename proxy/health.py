@@ -27,7 +27,7 @@ from proxy.api.health.v1.health_pb2 import (
     HealthListRequest,
     HealthListResponse,
 )
-from proxy.rpc import NotFoundError
+from proxy.rpc import ChannelState, NotFoundError, ReconnectingChannel
 from proxy.watched import Watched
 
 ServingStatus = HealthCheckResponse.ServingStatus
@@ -130,3 +130,20 @@ class HealthServicer(health_grpc.HealthServicer):  # type: ignore[misc]  # untyp
                 for name, status in self._health.all_statuses().items()
             }
         )
+
+
+async def follow_channel(channel: ReconnectingChannel, health: Health, subservice: str) -> None:
+    """Keep `subservice` SERVING exactly while `channel` is READY, until cancelled (§6.3).
+
+    Upstream reads the gRPC connectivity state; `ReconnectingChannel.state` is its equivalent.
+    Upstream's 3 s IDLE kick has no counterpart: the channel never idles, it redials on its own.
+    Level-triggered: a flap shorter than one scheduling round may not be seen, the final state
+    always is. Cancelled (nobody follows the channel any more), the sub-service is NOT_SERVING.
+    """
+    state = channel.state.value
+    try:
+        while True:
+            health.set(subservice, state is ChannelState.READY)
+            state = await channel.state.wait_change(state)
+    finally:
+        health.set(subservice, False)
