@@ -7,13 +7,27 @@ Signals (behaviour reference §7.3, with Python's defaults tamed: SIGUSR1/2 woul
   SIGUSR1                   log level back to the configured NSM_LOG_LEVEL
   SIGUSR2                   log level TRACE
 
-Today the nursery holds the health servers; the control plane and the dataplane join it in later
-issues, each as a task that owns its state.
+The tasks (design §2), each owning its state and talking through memory channels:
+
+  health servers          grpc.health.v1 on NSM_HEALTH_ADDRESS (and NSM_HEALTH_TCP_ADDRESS)
+  netlink worker, router  the kernel state (bridge, ports, egress, VIP rules), link monitor
+  IPAM, NSP, NSM channels reconnecting, followed by the IPAMCli / NSPCli health
+  bridge addresses        from IPAM, renewed -> router, and the endpoint's gateways
+  VIP watch               NSP -> router
+  discovery, mesh         the LB endpoints -> one connection task each -> router
+  endpoint, registration  the targets' NSM endpoint on its own socket, registered in NSM
+  endpoint probe          NSMEndpoint health; Egress follows the router (nexthops installed)
+
+Stopping (SIGTERM): the control plane is cancelled and its cleanups run in parallel (endpoint
+unregistered, LB connections closed), then pending IPAM releases are flushed, all within
+NSM_SHUTDOWN_TIMEOUT; the kernel state stays for the next instance, which adopts it.
 """
 
 from __future__ import annotations
 
+import shutil
 import signal
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
@@ -22,15 +36,36 @@ import attrs
 import trio
 from loguru import logger
 
-from proxy import log
+from proxy import ipam, log, nsp, probe
 from proxy.config import METADATA_KEY, Config, ConfigError, describe
-from proxy.health import Health, HealthServicer
-from proxy.rpc import Server, TcpAddress, UnixAddress, parse_address
+from proxy.health import (
+    EGRESS,
+    IPAM_CLIENT,
+    NSM_ENDPOINT,
+    NSP_CLIENT,
+    Health,
+    HealthServicer,
+    follow_channel,
+)
+from proxy.kernel.errors import KernelError
+from proxy.kernel.monitor import LinkMonitor
+from proxy.kernel.netlink import NetlinkWorker
+from proxy.kernel.router import ConnectionsKnown, Router, RouterEvent
+from proxy.kernel.settings import bridge_mac, prepare
+from proxy.nsm.discovery import Discovery, LbEvent
+from proxy.nsm.endpoint import TargetEndpoint
+from proxy.nsm.mesh import Mesh, MeshSettings
+from proxy.nsm.registration import Registration
+from proxy.rpc import Backoff, ReconnectingChannel, Server, TcpAddress, UnixAddress, parse_address
+from proxy.shutdown import Shutdown
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
 HANDLED_SIGNALS = STOP_SIGNALS | {signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
 EXIT_OK, EXIT_FATAL = 0, 1
 HEALTH_SOCKET_MODE = 0o666  # probes may run as another user in the pod; it only tells health
+ROUTER_BUFFER = 1000
+LB_BUFFER = 100
+PROBE_INTERVAL, PROBE_BUDGET, PROBE_CONNECT_TIMEOUT = 5.0, 4.0, 1.0  # upstream's NSE probe
 
 
 def changed_settings(old: Config, new: Config) -> tuple[list[str], list[str]]:
@@ -50,6 +85,7 @@ class Supervisor:
         self.config = config
         self._load_config = load_config
         self.health = Health()
+        self.shutdown = Shutdown(config.shutdown_timeout)
 
     async def run(self) -> int:
         """Serve until a stop signal; the exit status."""
@@ -62,11 +98,17 @@ class Supervisor:
                     nursery.cancel_scope.cancel()
                     return EXIT_FATAL
                 logger.info("started", health=self.config.health_address)
-                stop = await self._handle_signals(signals)
-                logger.info("stopping", signal=signal.Signals(stop).name)
+                nursery.start_soon(self._stop_on_signal, signals)
+                status = await run_proxy(self.config, self.health, self.shutdown)
                 nursery.cancel_scope.cancel()
-        logger.info("stopped")
-        return EXIT_OK
+        logger.info("stopped", status=status)
+        return status
+
+    async def _stop_on_signal(self, signals: AsyncIterator[int]) -> None:
+        stop = await self._handle_signals(signals)
+        budget = self.config.shutdown_timeout
+        logger.info("stopping", signal=signal.Signals(stop).name, budget=budget)
+        self.shutdown.begin()
 
     async def _start_health(self, nursery: trio.Nursery) -> None:
         server = Server([HealthServicer(self.health)])
@@ -118,6 +160,145 @@ def _keep_restart_fields(*, running: Config, new: Config) -> Config:
         if not field.metadata[METADATA_KEY].reloadable
     }
     return attrs.evolve(new, **kept)
+
+
+async def run_proxy(config: Config, health: Health, shutdown: Shutdown) -> int:
+    """Run the proxy until the stop begins; then stop it within the shutdown budget."""
+    endpoint_dir = tempfile.mkdtemp(prefix=f"{config.name}-", dir="/tmp")
+    try:
+        async with trio.open_nursery() as kernel:
+            worker = NetlinkWorker()
+            await kernel.start(worker.run)
+            try:
+                with shutdown.until_stopping() as starting:
+                    scope = await prepare(worker, config)
+            except KernelError as exc:
+                logger.error("cannot manage this network namespace", reason=str(exc))
+                kernel.cancel_scope.cancel()
+                return EXIT_FATAL
+            if starting.cancelled_caught:
+                kernel.cancel_scope.cancel()
+                return EXIT_OK
+            router_events, router_inbox = trio.open_memory_channel[RouterEvent](ROUTER_BUFFER)
+            router = Router(worker, scope, bridge_mac(config), interval=config.reconcile_interval)
+            await kernel.start(LinkMonitor(worker, router_events.clone()).run)
+            await kernel.start(router.run, router_inbox)
+            kernel.start_soon(follow_egress, router, health)
+            ipam_channel = ipam.ipam_channel(config)
+            await kernel.start(ipam_channel.run)
+            kernel.start_soon(follow_channel, ipam_channel, health, IPAM_CLIENT)
+            addresses = ipam.IpamClient.from_config(config, ipam_channel)
+            await kernel.start(addresses.run)
+            with shutdown.until_stopping():
+                await _control_plane(
+                    config, health, shutdown, router_events, ipam_channel, addresses, endpoint_dir
+                )
+            with shutdown.cleanup(config.shutdown_timeout):
+                await addresses.flush()
+            kernel.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(endpoint_dir, ignore_errors=True)
+    return EXIT_OK
+
+
+async def _control_plane(
+    config: Config,
+    health: Health,
+    shutdown: Shutdown,
+    router: trio.MemorySendChannel[RouterEvent],
+    ipam_channel: ReconnectingChannel,
+    addresses: ipam.IpamClient,
+    endpoint_dir: str,
+) -> None:
+    """Everything that talks to IPAM, NSP and NSM; cancelled first when stopping."""
+    backoff = Backoff(maximum=config.grpc_max_backoff)
+    async with trio.open_nursery() as plane:
+        nsp_channel = nsp.nsp_channel(config)
+        nsm_channel = ReconnectingChannel(
+            config.connect_to, name="nsm", backoff=backoff, connect_timeout=config.dial_timeout
+        )
+        for channel in (nsp_channel, nsm_channel):
+            await plane.start(channel.run)
+        plane.start_soon(follow_channel, nsp_channel, health, NSP_CLIENT)
+        await plane.start(
+            nsp.VipWatch(nsp_channel, config.trench, max_backoff=config.grpc_max_backoff).run,
+            router.clone(),
+        )
+
+        lb_events, lb_inbox = trio.open_memory_channel[LbEvent](LB_BUFFER)
+        settings = MeshSettings(
+            name=config.name,
+            service=config.network_service_name,
+            mtu=config.mtu,
+            request_timeout=config.request_timeout,
+            max_backoff=config.grpc_max_backoff,
+            default_lifetime=config.max_token_lifetime,
+        )
+        mesh = Mesh(
+            settings, nsm=nsm_channel, addresses=addresses, router=router.clone(), shutdown=shutdown
+        )
+        await plane.start(mesh.run, lb_inbox)
+        discovery = Discovery(
+            nsm_channel,
+            config.network_service_name,
+            lb_events,
+            token_lifetime=config.max_token_lifetime,
+            backoff=Backoff(maximum=config.grpc_max_backoff),
+        )
+        await plane.start(discovery.run)
+
+        # The targets' endpoint needs the gateways: the bridge addresses come first (IPAM).
+        bridge = ipam.BridgeAddresses.from_config(config, ipam_channel)
+        await plane.start(bridge.run, router.clone())
+        endpoint = TargetEndpoint(
+            name=config.name,
+            service_name=config.service_name,
+            mtu=config.mtu,
+            addresses=addresses,
+            gateways=bridge.addresses,
+            router=router.clone(),
+            default_lifetime=config.max_token_lifetime,
+            allocation_timeout=config.request_timeout,
+        )
+        socket_path = f"{endpoint_dir}/listen.on"
+        endpoint_health = HealthServicer(Health(probes={}))  # "" SERVING, as NSM's endpoints
+        await plane.start(Server([*endpoint.servicers(), endpoint_health]).serve_unix, socket_path)
+        await plane.start(endpoint.run)
+        url = f"unix://{socket_path}"
+        plane.start_soon(probe_endpoint, url, health, config.grpc_probe_rpc_timeout)
+        registration = Registration(
+            nsm_channel,
+            name=config.name,
+            service=config.service_name,
+            host=config.host,
+            url=url,
+            call_timeout=config.request_timeout,
+            backoff=Backoff(maximum=config.grpc_max_backoff),
+            shutdown=shutdown,
+        )
+        plane.start_soon(registration.run)
+        # Whatever a previous instance left and nobody reports within one request timeout is
+        # stale (LB nexthops, ports): the router stops adopting it then.
+        await trio.sleep(config.request_timeout)
+        await router.send(ConnectionsKnown())
+        logger.info("connections settled", load_balancers=len(mesh.connections))
+
+
+async def follow_egress(router: Router, health: Health) -> None:
+    """Egress is SERVING while at least one LB nexthop is installed in the kernel."""
+    installed = router.egress.value
+    while True:
+        health.set(EGRESS, installed)
+        installed = await router.egress.wait_change(installed)
+
+
+async def probe_endpoint(url: str, health: Health, rpc_timeout: float) -> None:
+    """NSMEndpoint: a health Check of our own endpoint socket every 5 s (upstream's probe)."""
+    while True:
+        with trio.move_on_after(PROBE_BUDGET):
+            answer = await probe.ask(url, "", PROBE_CONNECT_TIMEOUT, rpc_timeout)
+            health.set(NSM_ENDPOINT, answer.code == probe.EXIT_SERVING)
+        await trio.sleep(PROBE_INTERVAL)
 
 
 def main(config: Config, load_config: Callable[[], Config]) -> int:

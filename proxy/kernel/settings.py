@@ -4,6 +4,7 @@ and what the proxy checks of its namespace at start."""
 from __future__ import annotations
 
 from loguru import logger
+from pyroute2 import IPRoute
 
 from proxy.config import Config, EgressMode, IpFamily
 from proxy.kernel import model, nexthop, sysctl
@@ -36,6 +37,7 @@ async def prepare(worker: NetlinkWorker, config: Config) -> model.Scope:
     """At start: probe the kernel's nexthop support, check and fix the sysctls (logged once),
     and return the scope to manage. Raises KernelError only when the mode was forced to
     `resilient` and the kernel cannot do it."""
+    await worker.call(_loopback_up)
     support = await worker.call(nexthop.probe_support)
     scope = scope_from_config(config, resilient_supported=support.resilient_groups)
     if config.egress_mode is EgressMode.RESILIENT and not support.resilient_groups:
@@ -59,3 +61,11 @@ def _uses(configured: IpFamily, family: model.Family) -> bool:
     if configured is IpFamily.DUALSTACK:
         return True
     return (configured is IpFamily.IPV4) == (family is model.Family.V4)
+
+
+def _loopback_up(ipr: IPRoute) -> None:
+    """A pod's `lo` is up; a bare namespace's is not, and the kernel then refuses blackhole
+    nexthops (the support probe's) with ENETDOWN. Bring it up: nothing else depends on it down."""
+    index = ipr.link_lookup(ifname="lo")
+    if index:
+        ipr.link("set", index=index[0], state="up")
