@@ -25,6 +25,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, Generic, TypeVar
 
+import attrs
 import h2.errors
 import trio
 from google.protobuf.message import DecodeError, Message
@@ -43,7 +44,7 @@ from purerpc.wrappers import ClientStubUnaryStream
 import proxy
 from proxy.rpc.address import Address, UnixAddress, parse_address
 from proxy.rpc.backoff import Backoff
-from proxy.rpc.connection import Connection, Peer, RpcStream, StreamGone
+from proxy.rpc.connection import Connection, Peer, RpcStream, StreamGone, unix_peer
 from proxy.rpc.status import encode_timeout
 from proxy.watched import Watched
 
@@ -62,15 +63,20 @@ async def connect(
 ) -> tuple[trio.abc.Stream, Peer]:
     """Open the transport; OSError and TLS errors come out as UnavailableError."""
     stream: trio.abc.Stream
+    peer = Peer(address=str(address))
     try:
         if isinstance(address, UnixAddress):
-            stream = await trio.open_unix_socket(address.path)
+            unix_stream = await trio.open_unix_socket(address.path)
+            # The server process (SO_PEERCRED): the lab's NSM manager finds an endpoint's
+            # network namespace through its pid.
+            peer = attrs.evolve(unix_peer(unix_stream.socket), address=str(address))
+            stream = unix_stream
         else:
             stream = await trio.open_tcp_stream(address.host, address.port)
     except OSError as exc:
         raise ConnectFailed(f"cannot connect to {address}: {exc.strerror or exc}") from None
     if ssl_context is None:
-        return stream, Peer(address=str(address))
+        return stream, peer
     tls = trio.SSLStream(stream, ssl_context, server_hostname=_server_hostname(address))
     try:
         await tls.do_handshake()
@@ -83,8 +89,8 @@ async def connect(
     if tls.selected_alpn_protocol() not in ("h2", None):
         await trio.aclose_forcefully(tls)
         raise ConnectFailed(f"{address} did not agree to HTTP/2 (ALPN)")
-    return tls, Peer(
-        address=str(address),
+    return tls, attrs.evolve(
+        peer,
         certificate=tls.getpeercert(),
         certificate_der=tls.getpeercert(binary_form=True),
     )

@@ -1,0 +1,97 @@
+"""The lab's nsmgr: the registry and the manager on one UNIX socket, as NSM serves them to a
+node's clients and endpoints.
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(serve_nsm, "/tmp/lab/nsm.sock", forwarder=NoKernel()))
+
+Served: `registry.NetworkServiceRegistry`, `registry.NetworkServiceEndpointRegistry`
+(`proxy.lab.nsm.registry`), `networkservice.NetworkService` and `connection.MonitorConnection`
+(`proxy.lab.nsm.manager`). A UNIX socket only: the manager finds its clients' network namespaces
+through their socket peer's pid.
+"""
+
+from __future__ import annotations
+
+import trio
+from loguru import logger
+
+from proxy.lab.listen import serve
+from proxy.lab.nsm.forwarding import Forwarder
+from proxy.lab.nsm.manager import (
+    CLOSE_TIMEOUT,
+    DEFAULT_NAME,
+    REQUEST_TIMEOUT,
+    Manager,
+    ManagerSettings,
+    MonitorConnectionServicer,
+    NetworkServiceServicer,
+)
+from proxy.lab.nsm.registry import (
+    DEFAULT_LIFETIME,
+    WATCH_BUFFER,
+    NetworkServiceEndpointRegistryServicer,
+    NetworkServiceRegistryServicer,
+    Registry,
+    WallClock,
+)
+from proxy.rpc import UnixAddress
+
+
+async def serve_nsm(
+    path: str,
+    *,
+    forwarder: Forwarder,
+    default_lifetime: float = DEFAULT_LIFETIME,
+    name: str = DEFAULT_NAME,
+    request_timeout: float = REQUEST_TIMEOUT,
+    close_timeout: float = CLOSE_TIMEOUT,
+    watch_buffer: int = WATCH_BUFFER,
+    clock: WallClock | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve on the UNIX socket `path` until cancelled (the socket file is removed after);
+    `nursery.start` returns the path once it listens, or raises the OSError of a failure to.
+
+    `default_lifetime`: an NSE registration without expiration_time, and a connection not
+    refreshed, last this long. `name`: the manager's path segment name. `request_timeout`: the
+    deadline towards an NSE when the caller set none; `close_timeout`: that of a Close towards
+    an NSE. `watch_buffer`: the changes (and monitor events) a watcher may fall behind before it
+    is dropped. `clock`: wall-clock time (default: now, advancing with trio's clock).
+    """
+    clock = clock or WallClock()
+    registry = Registry(clock, default_lifetime=default_lifetime, watch_buffer=watch_buffer)
+    settings = ManagerSettings(
+        name=name,
+        lifetime=default_lifetime,
+        request_timeout=request_timeout,
+        close_timeout=close_timeout,
+        monitor_buffer=watch_buffer,
+    )
+    manager = Manager(registry, forwarder, clock, settings)
+    servicers = [
+        NetworkServiceRegistryServicer(registry),
+        NetworkServiceEndpointRegistryServicer(registry),
+        NetworkServiceServicer(manager),
+        MonitorConnectionServicer(manager),
+    ]
+    failure: OSError | None = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.run)
+        await nursery.start(manager.run)
+        try:
+            await nursery.start(serve, servicers, UnixAddress(path))
+        except OSError as exc:
+            # Raised below, outside the nursery: the bare OSError, not an exception group.
+            failure = exc
+            nursery.cancel_scope.cancel()
+        else:
+            logger.info(
+                "serving",
+                service="nsm",
+                address=f"unix://{path}",
+                forwarder=type(forwarder).__name__,
+                lifetime=default_lifetime,
+            )
+            task_status.started(path)
+    if failure is not None:
+        raise failure
