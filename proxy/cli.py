@@ -30,7 +30,7 @@ _COMMANDS = """\
 subcommands:
   probe   check the health of a running proxy (for Kubernetes exec probes); see `probe --help`
   debug   print the network state of the proxy's namespace as JSON; see `debug --help`
-  lab     local stand-ins of the proxy's peers, without Kubernetes: `lab ipam`, `lab nsp`
+  lab     local stand-ins of the proxy's peers, without Kubernetes: `lab ipam|nsp|nsm|lb|target`
 
 options:
   -h, --help     print this help and exit

@@ -161,9 +161,7 @@ def desired_state(intent: Intent, observed: Observed, mac: str) -> Desired:
 
 def adopted_gateways(observed: Observed) -> set[IPAddress]:
     """The load-balancer addresses the kernel already routes through (a previous instance's)."""
-    members = {
-        nh.gateway for nh in observed.nexthops.values() if not nh.is_group and nh.gateway
-    }
+    members = {nh.gateway for nh in observed.nexthops.values() if not nh.is_group and nh.gateway}
     return members | {gateway for route in observed.routes for gateway in route.gateways}
 
 

@@ -3,6 +3,11 @@ Kubernetes.
 
     meridio-proxy lab ipam --listen unix:///tmp/lab/ipam.sock --db /tmp/lab/ipam.db
     meridio-proxy lab nsp --listen unix:///tmp/lab/nsp.sock --config trench.yaml
+    meridio-proxy lab nsm --listen unix:///tmp/lab/nsm.sock [--no-kernel]
+    meridio-proxy lab lb --nsm unix:///tmp/lab/nsm.sock --listen unix:///tmp/lab/lb-a.sock \
+        --name lb-a --service conduit-a.trench-a.red --outside ext0 --route 0.0.0.0/0=198.18.9.1
+    meridio-proxy lab target --nsm unix:///tmp/lab/nsm.sock --name target-a --node node-1 \
+        --service proxy.conduit-a.trench-a.red --interface nsm-1 --vip 198.19.0.1/32
 
 Each serves until SIGTERM or SIGINT (exit 0, its socket file removed). Bad arguments, an invalid
 configuration file or a database made with other settings: exit 2 with a one-line message.
@@ -12,8 +17,11 @@ Cannot listen: exit 1.
 from __future__ import annotations
 
 import argparse
+import importlib
 import ipaddress
+import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -39,20 +47,30 @@ from proxy.lab.ipam_alloc import (
     Network,
 )
 from proxy.lab.ipam_store import StoreError
+from proxy.lab.nsm.forwarding import Forwarder, NoKernel
+from proxy.lab.nsm.registry import DEFAULT_LIFETIME
+from proxy.lab.nsm.server import serve_nsm
 from proxy.lab.nsp import DEFAULT_POLL_INTERVAL, serve_nsp
 from proxy.lab.nsp_config import ConfigFileError
-from proxy.rpc import Address, AddressError, parse_address
+from proxy.rpc import Address, AddressError, UnixAddress, parse_address
 
 PROG = "meridio-proxy lab"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _USAGE = f"""\
-usage: {PROG} {{ipam,nsp}} [options]   (each has --help)
+usage: {PROG} {{ipam,nsp,nsm,lb,target}} [options]   (each has --help)
 
   ipam   the IPAM service (ipam.v1.Ipam): node subnets and addresses, kept in SQLite
-  nsp    the NSP configuration service (nsp.v1.ConfigurationManager), from a YAML/JSON file"""
-_LATER = "nsm, up, down, status, demo"
+  nsp    the NSP configuration service (nsp.v1.ConfigurationManager), from a YAML/JSON file
+  nsm    the node's NSM: registry, manager and kernel forwarder on one socket, like nsmgr
+  lb     a load-balancer stand-in: an NSE of the conduit's service that routes
+  target an application pod stand-in: an NSC of the proxy's service with VIPs"""
+_LATER = "up, down, status, demo"
+KERNEL_MODULE = "proxy.lab.nsm.kernel"
+_TARGET_TABLE = 1000  # proxy.lab.target.DEFAULT_TABLE (not imported here: pyroute2 is heavy)
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 
 class _UsageError(Exception):
@@ -219,6 +237,198 @@ def _nsp_parser() -> _Parser:
     return parser
 
 
+def _nsm_parser() -> _Parser:
+    parser = _Parser(
+        prog=f"{PROG} nsm",
+        allow_abbrev=False,
+        description="Serve what a node's nsmgr serves its clients and endpoints, on one UNIX"
+        " socket: the NS and NSE registries (Register, Find with watch, Unregister; NSE"
+        " registrations expire), and the manager (Request, Close, MonitorConnections): it"
+        " selects an endpoint (by name, or by the network service's label matches), forwards"
+        " the request to it, and wires the connection with a veth pair between the client's"
+        " and the endpoint's network namespaces (root needed, unless --no-kernel).",
+    )
+    parser.add_argument(
+        "--listen",
+        required=True,
+        type=_listen_address,
+        metavar="ADDRESS",
+        help="unix:///path (a UNIX socket: clients are known by their process)",
+    )
+    parser.add_argument(
+        "--no-kernel",
+        action="store_true",
+        help="wire nothing: the control plane only (runs without root)",
+    )
+    parser.add_argument(
+        "--lifetime",
+        type=_duration,
+        default=DEFAULT_LIFETIME,
+        metavar="DURATION",
+        help="how long an NSE registration without expiration time, and a connection not"
+        " refreshed, last (default: 1m)",
+    )
+    _add_logging(parser)
+    return parser
+
+
+def _service_name(text: str) -> str:
+    parts = text.split(".")
+    if len(parts) < 3 or not all(parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not <conduit>.<trench>.<namespace>")
+    return text
+
+
+def _proxy_service_name(text: str) -> str:
+    parts = text.split(".")
+    if len(parts) < 4 or parts[0] != "proxy" or not all(parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not proxy.<conduit>.<trench>.<namespace>")
+    return text
+
+
+def _ifname(text: str) -> str:
+    if not text or len(text) > 15 or any(c in text for c in "/: \t\n") or text in (".", ".."):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an interface name (1-15 characters, no '/', ':' or spaces)"
+        )
+    return text
+
+
+def _dial_address(text: str) -> Address:
+    try:
+        return parse_address(text)
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+
+def _route(text: str) -> tuple[Network, IPAddress]:
+    prefix, _, gateway = text.partition("=")
+    try:
+        network, address = ipaddress.ip_network(prefix), ipaddress.ip_address(gateway)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not CIDR=GATEWAY: {exc}") from None
+    if network.version != address.version:
+        raise argparse.ArgumentTypeError(f"{text!r}: the gateway is not of the prefix's family")
+    return network, address
+
+
+def _vip(text: str) -> IPInterface:
+    try:
+        return ipaddress.ip_interface(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an address/length") from None
+
+
+def _add_netns(parser: argparse.ArgumentParser, who: str) -> None:
+    parser.add_argument(
+        "--netns",
+        metavar="NAME",
+        help=f"the network namespace the {who} works in (an `ip netns` name or a path); default:"
+        " the process's own (e.g. under `ip netns exec`)",
+    )
+
+
+def _lb_parser() -> _Parser:
+    parser = _Parser(
+        prog=f"{PROG} lb",
+        allow_abbrev=False,
+        description="A load-balancer stand-in: an NSM endpoint of the conduit's network service"
+        " that registers itself (refreshed at 2/3 of its lifetime, unregistered at stop),"
+        " accepts the proxies' KERNEL connections (it keeps the IP context they set and answers"
+        " with its path segment and its interface name), and routes: IPv4/IPv6 forwarding on,"
+        " rp_filter off, the --outside interface up, and each --route kept in the main table"
+        " (retried until its gateway is reachable).",
+    )
+    parser.add_argument(
+        "--nsm",
+        required=True,
+        type=_dial_address,
+        metavar="ADDRESS",
+        help="the NSM manager (registry) to register with: unix:///path or host:port",
+    )
+    parser.add_argument(
+        "--listen",
+        required=True,
+        type=_listen_address,
+        metavar="ADDRESS",
+        help="the endpoint's own socket (registered as its url): unix:///path",
+    )
+    parser.add_argument("--name", required=True, metavar="NAME", help="the endpoint's name")
+    parser.add_argument(
+        "--service",
+        required=True,
+        type=_service_name,
+        metavar="SERVICE",
+        help="the conduit's network service: <conduit>.<trench>.<namespace>",
+    )
+    parser.add_argument(
+        "--outside",
+        type=_ifname,
+        metavar="IFNAME",
+        help="the interface towards the outside (made by the topology; brought up here)",
+    )
+    parser.add_argument(
+        "--route",
+        action="append",
+        type=_route,
+        default=[],
+        metavar="CIDR=GATEWAY",
+        help="a route to keep in the main table; repeat it (the same CIDR twice: multipath)",
+    )
+    _add_netns(parser, "LB")
+    _add_logging(parser)
+    return parser
+
+
+def _target_parser() -> _Parser:
+    parser = _Parser(
+        prog=f"{PROG} target",
+        allow_abbrev=False,
+        description="A target (application pod) stand-in: asks NSM for the proxy's network"
+        " service on its node (labels nodeName, KERNEL, id <name>-<namespace>-0), refreshes the"
+        " connection at 1/3 of its remaining lifetime, puts its VIPs on its interface and routes"
+        " their egress via the gateways the proxy returns (a default route per family in table"
+        f" {_TARGET_TABLE}, `from <VIP> lookup {_TARGET_TABLE}` rules); at stop it closes the"
+        " connection and removes them.",
+    )
+    parser.add_argument(
+        "--nsm",
+        required=True,
+        type=_dial_address,
+        metavar="ADDRESS",
+        help="the NSM manager: unix:///path or host:port",
+    )
+    parser.add_argument("--name", required=True, metavar="NAME", help="the target's name")
+    parser.add_argument(
+        "--node", required=True, metavar="NODE", help="its node (the nodeName label)"
+    )
+    parser.add_argument(
+        "--service",
+        required=True,
+        type=_proxy_service_name,
+        metavar="SERVICE",
+        help="the proxy's network service: proxy.<conduit>.<trench>.<namespace>",
+    )
+    parser.add_argument(
+        "--interface",
+        required=True,
+        type=_ifname,
+        metavar="IFNAME",
+        help="the name of its NSM interface (at most 15 characters)",
+    )
+    parser.add_argument(
+        "--vip",
+        required=True,
+        action="append",
+        type=_vip,
+        metavar="CIDR",
+        help="a VIP to serve, as address/length (e.g. 198.19.0.1/32); repeat it",
+    )
+    _add_netns(parser, "target")
+    _add_logging(parser)
+    return parser
+
+
 # -- running ---------------------------------------------------------------------------------------
 
 
@@ -269,7 +479,117 @@ def _nsp_task(options: argparse.Namespace) -> Callable[..., Awaitable[Any]]:
     return partial(serve_nsp, options.listen, options.config, poll_interval=options.poll)
 
 
-_COMMANDS = {"ipam": (_ipam_parser, _ipam_task), "nsp": (_nsp_parser, _nsp_task)}
+def _kernel_forwarder() -> Callable[[], Forwarder]:
+    """`KernelForwarder`, imported only when wanted (it needs root and pyroute2)."""
+    try:
+        module = importlib.import_module(KERNEL_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name != KERNEL_MODULE:
+            raise
+        raise _UsageError(
+            f"the kernel forwarder ({KERNEL_MODULE}) is not available; use --no-kernel"
+        ) from None
+    factory: Callable[[], Forwarder] = module.KernelForwarder
+    return factory
+
+
+def _nsm_task(options: argparse.Namespace) -> Callable[..., Awaitable[Any]]:
+    if not isinstance(options.listen, UnixAddress):
+        raise _UsageError(
+            "--listen must be unix:///path: the manager knows its clients by their process"
+        )
+    if options.lifetime <= 0:
+        raise _UsageError("--lifetime must be more than 0")
+    make_forwarder: Callable[[], Forwarder] = NoKernel if options.no_kernel else _kernel_forwarder()
+    return partial(_serve_nsm, options.listen.path, make_forwarder, options.lifetime)
+
+
+async def _serve_nsm(
+    path: str,
+    make_forwarder: Callable[[], Forwarder],
+    lifetime: float,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The forwarder (running its `run` task if it has one) and the NSM server on `path`."""
+    forwarder = make_forwarder()
+    failure: OSError | None = None
+    async with trio.open_nursery() as nursery:
+        try:
+            run = getattr(forwarder, "run", None)
+            if run is not None:
+                await nursery.start(run)
+            await nursery.start(
+                partial(serve_nsm, path, forwarder=forwarder, default_lifetime=lifetime)
+            )
+        except OSError as exc:
+            failure = exc  # raised bare below, not in an exception group
+            nursery.cancel_scope.cancel()
+        else:
+            task_status.started()
+    if failure is not None:
+        raise failure
+
+
+def _existing_netns(name: str | None) -> str | None:
+    if name is None:
+        return None
+    path = name if name.startswith("/") else f"/run/netns/{name}"
+    if not os.path.exists(path):
+        raise _UsageError(f"--netns {name}: no such network namespace ({path})")
+    return name
+
+
+def _lb_task(options: argparse.Namespace) -> Callable[..., Awaitable[Any]]:
+    from proxy.kernel.netlink import in_netns
+    from proxy.lab.lb import LbSettings, run_lb
+
+    netns = _existing_netns(options.netns)
+    if options.outside is not None:
+        try:
+            in_netns(netns, partial(socket.if_nametoindex, options.outside))
+        except OSError:
+            where = f"namespace {netns}" if netns else "this namespace"
+            raise _UsageError(
+                f"--outside {options.outside}: no such interface in {where}"
+            ) from None
+    routes: dict[Network, frozenset[IPAddress]] = {}
+    for prefix, gateway in options.route:
+        routes[prefix] = routes.get(prefix, frozenset()) | {gateway}
+    settings = LbSettings(
+        name=options.name,
+        service=options.service,
+        nsm=options.nsm,
+        listen=options.listen,
+        outside=options.outside,
+        routes=routes,
+        netns=netns,
+    )
+    return partial(run_lb, settings)
+
+
+def _target_task(options: argparse.Namespace) -> Callable[..., Awaitable[Any]]:
+    from proxy.lab.target import TargetSettings, run_target
+
+    settings = TargetSettings(
+        name=options.name,
+        node=options.node,
+        service=options.service,
+        nsm=options.nsm,
+        interface=options.interface,
+        vips=tuple(options.vip),
+        netns=_existing_netns(options.netns),
+    )
+    return partial(run_target, settings)
+
+
+_COMMANDS = {
+    "ipam": (_ipam_parser, _ipam_task),
+    "nsp": (_nsp_parser, _nsp_task),
+    "nsm": (_nsm_parser, _nsm_task),
+    "lb": (_lb_parser, _lb_task),
+    "target": (_target_parser, _target_task),
+}
 
 
 def main(argv: list[str]) -> int:
