@@ -486,6 +486,19 @@ class Config:
             check=_check_port,
         ),
     )
+    nsp_service: str = _field(
+        str,
+        Var(
+            "NSM_NSP_SERVICE",
+            "address",
+            "",
+            "NSP's address, when it is not <NSM_NSP_SERVICE_NAME>-<trench>.<namespace>:<port> "
+            "(host:port, [ipv6]:port or unix:///path); empty or unset builds it as upstream.",
+            "host:port, [ipv6]:port or unix:///absolute/path, or unset",
+            check=_check_service_address,
+            allow_empty=True,
+        ),
+    )
     ip_family: IpFamily = _field(
         IpFamily,
         Var(
@@ -689,7 +702,10 @@ class Config:
 
     @property
     def nsp_address(self) -> str:
-        """Where NSP is, built as upstream does: `<service>-<trench>.<namespace>:<port>`."""
+        """Where NSP is: NSM_NSP_SERVICE, else as upstream builds it:
+        `<service>-<trench>.<namespace>:<port>`."""
+        if self.nsp_service:
+            return self.nsp_service
         return f"{self.nsp_service_name}-{self.trench}.{self.namespace}:{self.nsp_service_port}"
 
 

@@ -207,6 +207,7 @@ NEW_DEFAULTS = {
     "NSM_LOG_FORMAT": LogFormat.JSON,
     "NSM_SHUTDOWN_TIMEOUT": 20.0,
     "NSM_CONFIG_FILE": "",
+    "NSM_NSP_SERVICE": "",
     "NSM_ROUTING_TABLE": 4096,
     "NSM_RULE_PRIORITY": 30000,
     "NSM_RECONCILE_INTERVAL": 30.0,
@@ -551,3 +552,10 @@ def test_config_file_problems_name_file_and_line(tmp_path) -> None:
         config.load_environment({"NSM_HOST": "n", "NSM_CONFIG_FILE": str(tmp_path / "missing")})
     with pytest.raises(ConfigError, match="not an absolute path"):
         config.load_environment({"NSM_HOST": "n", "NSM_CONFIG_FILE": "relative.env"})
+
+
+def test_nsp_address_is_built_as_upstream_unless_given() -> None:
+    built = load({"NSM_HOST": "n", "NSM_TRENCH": "red", "NSM_NAMESPACE": "ns"})
+    assert built.nsp_address == "nsp-service-red.ns:7778"
+    given = load({"NSM_HOST": "n", "NSM_NSP_SERVICE": "unix:///run/nsp.sock"})
+    assert given.nsp_address == "unix:///run/nsp.sock"
