@@ -159,8 +159,9 @@ def lab() -> Iterator[Lab]:
             ],
         )
         running.start("nsm", ["lab", "nsm", "--listen", running.socket("nsm")])
-        for path in ("ipam", "nsp", "nsm"):
-            wait_until(lambda p=path: (directory / f"{p}.sock").exists(), 20, f"{path} up", running)
+        for peer in ("ipam", "nsp", "nsm"):
+            socket_file = directory / f"{peer}.sock"
+            wait_until(socket_file.exists, 20, f"{peer} up", running)
         for lb in ("lb0", "lb1"):
             running.start(
                 lb,
