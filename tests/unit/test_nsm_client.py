@@ -1,0 +1,104 @@
+"""Decisions of the proxy's NSM client side: registration, discovery and the mesh (pure)."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from proxy.api.networkservice.connection_pb2 import Connection, PathSegment
+from proxy.api.registry.registry_pb2 import NetworkServiceEndpoint, NetworkServiceEndpointResponse
+from proxy.nsm.discovery import evictable, is_alive
+from proxy.nsm.mesh import (
+    MeshSettings,
+    connection_id,
+    interface_name,
+    lb_addresses,
+    refresh_in,
+    time_left,
+)
+from proxy.nsm.registration import endpoint, network_service, refresh_after
+
+SETTINGS = MeshSettings("proxy-a", "conduit-a.trench-a.red", 1500, 15.0, 5.0, 600.0)
+
+
+def stamp(seconds: float) -> Timestamp:
+    value = Timestamp()
+    value.seconds = int(seconds)
+    return value
+
+
+def test_network_service_routes_targets_to_the_proxy_of_their_node() -> None:
+    service = network_service("proxy.c.t.ns")
+    assert service.payload == "ETHERNET"
+    [match] = service.matches
+    assert dict(match.source_selector) == {"nodeName": "{{.nodeName}}"}
+    assert dict(match.routes[0].destination_selector) == {"nodeName": "{{.nodeName}}"}
+
+
+def test_endpoint_carries_the_node_label_and_url() -> None:
+    nse = endpoint("proxy-a", "proxy.c.t.ns", "node-a", "unix:///tmp/x/listen.on", 100.0)
+    assert list(nse.network_service_names) == ["proxy.c.t.ns"]
+    assert dict(nse.network_service_labels["proxy.c.t.ns"].labels) == {"nodeName": "node-a"}
+    assert nse.expiration_time.seconds == 100
+
+
+def test_registration_refreshes_at_two_thirds_of_the_lifetime_left() -> None:
+    assert refresh_after(stamp(160), now=100) == 40
+    assert refresh_after(stamp(90), now=100) == 0.2  # already late: at once, not never
+
+
+def test_discovery_follows_upstreams_liveness_rule() -> None:
+    alive = NetworkServiceEndpointResponse(
+        network_service_endpoint=NetworkServiceEndpoint(name="lb", expiration_time=stamp(10))
+    )
+    assert is_alive(alive)
+    deleted = NetworkServiceEndpointResponse()
+    deleted.CopyFrom(alive)
+    deleted.deleted = True
+    assert not is_alive(deleted)
+    marker = NetworkServiceEndpointResponse()
+    marker.CopyFrom(alive)
+    marker.network_service_endpoint.expiration_time.seconds = -1
+    assert not is_alive(marker)
+    no_expiry = NetworkServiceEndpointResponse(
+        network_service_endpoint=NetworkServiceEndpoint(name="lb")
+    )
+    assert not is_alive(no_expiry)
+
+
+def test_discovery_evicts_after_expiry_plus_half_the_token_lifetime() -> None:
+    known = {"lb-a": 100.0, "lb-b": 200.0}
+    assert evictable(known, now=149.0, grace=50.0) == []
+    assert evictable(known, now=151.0, grace=50.0) == ["lb-a"]
+
+
+def test_connection_ids_and_interface_names_are_deterministic() -> None:
+    conn_id = connection_id(SETTINGS, "lb-a")
+    assert conn_id == "proxy-a-conduit-a.trench-a.red-lb-a"
+    name = interface_name(SETTINGS.service, conn_id)
+    assert name == interface_name(SETTINGS.service, conn_id)
+    assert len(name) == 15 and name.startswith("conduit-a.")
+    assert name != interface_name(SETTINGS.service, connection_id(SETTINGS, "lb-b"))
+
+
+def test_refresh_follows_nsms_schedule() -> None:
+    connection = Connection()
+    connection.path.path_segments.extend(
+        [
+            PathSegment(name="proxy-a", expires=stamp(160)),
+            PathSegment(name="nsmgr", expires=stamp(130)),
+        ]
+    )
+    assert time_left(connection, wall_now=100, default=600) == 30
+    assert refresh_in(connection, wall_now=100, default=600) == 6  # 0.2 of the first hop's
+    single = Connection()
+    single.path.path_segments.append(PathSegment(name="proxy-a", expires=stamp(130)))
+    assert refresh_in(single, wall_now=100, default=600) == 10  # 1/3 with one segment
+    assert refresh_in(Connection(), wall_now=100, default=600) == 200
+
+
+def test_lb_addresses_come_from_dst_and_garbage_is_skipped() -> None:
+    connection = Connection()
+    connection.context.ip_context.dst_ip_addrs.extend(
+        ["198.18.0.10/24", "nonsense", "2001:db8::a/64"]
+    )
+    assert {str(a) for a in lb_addresses(connection)} == {"198.18.0.10", "2001:db8::a"}
