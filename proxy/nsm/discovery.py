@@ -25,6 +25,7 @@ from proxy.api.registry.registry_pb2 import (
     NetworkServiceEndpointQuery,
     NetworkServiceEndpointResponse,
 )
+from proxy.nsm.wire import seconds
 from proxy.rpc import Backoff, ReconnectingChannel, RpcFailedError, server_stream
 from proxy.rpc.status import describe_status
 
@@ -54,7 +55,7 @@ def is_alive(response: NetworkServiceEndpointResponse) -> bool:
 
 
 def expiration(nse: NetworkServiceEndpoint) -> float:
-    return nse.expiration_time.seconds + nse.expiration_time.nanos / 1e9
+    return seconds(nse.expiration_time)
 
 
 def evictable(expirations: dict[str, float], now: float, grace: float) -> list[str]:

@@ -16,8 +16,6 @@ one connection are taken one at a time.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
@@ -25,7 +23,6 @@ from typing import Protocol
 import attrs
 import trio
 from google.protobuf.empty_pb2 import Empty
-from google.protobuf.timestamp_pb2 import Timestamp
 from loguru import logger
 
 from proxy.api.networkservice import connection_grpc, networkservice_grpc
@@ -41,6 +38,7 @@ from proxy.kernel.model import IPInterface
 from proxy.kernel.router import RouterEvent, SetTargetPort
 from proxy.nsm.ipcontext import nse_context
 from proxy.nsm.path import PathError, server_hop
+from proxy.nsm.wire import interface_name, seconds, timestamp
 from proxy.rpc import CallContext, InvalidArgumentError, UnavailableError
 from proxy.watched import Watched
 
@@ -72,20 +70,12 @@ class TargetConnection:
     expires: float  # trio time
 
 
-def interface_name(service: str, key: str) -> str:
-    """NSM's shape (first 10 characters of the service, '-', 4 characters: 15 in all), but the
-    same for the same connection every time, so a refresh or a restart keeps the port."""
-    digest = base64.b32encode(hashlib.sha256(key.encode()).digest()).decode().lower()
-    return f"{service[:10]}-{digest[:4]}"
-
-
 def expiry(connection: Connection, now: float, wall_now: float, default_lifetime: float) -> float:
     """When an un-refreshed connection is closed: at the previous hop's token expiry (NSM's
     timeout server), else after the default lifetime; in trio time."""
     path = connection.path
     if path.index >= 1 and path.path_segments[path.index - 1].HasField("expires"):
-        expires = path.path_segments[path.index - 1].expires
-        left = expires.seconds + expires.nanos / 1e9 - wall_now
+        left = seconds(path.path_segments[path.index - 1].expires) - wall_now
         return now + max(0.0, left)
     return now + default_lifetime
 
@@ -184,7 +174,7 @@ class TargetEndpoint:
                 mechanism.parameters["name"] = interface
             connection.mechanism.CopyFrom(mechanism)
             segment = connection.path.path_segments[connection.path.index]
-            segment.expires.CopyFrom(_timestamp(self._wall() + self._default_lifetime))
+            segment.expires.CopyFrom(timestamp(self._wall() + self._default_lifetime))
             previous = self.connections.get(our_id)
             self.connections[our_id] = TargetConnection(
                 hop.first_id,
@@ -321,13 +311,6 @@ class _Turn:
 
     async def __aexit__(self, *exc: object) -> None:
         self._busy.pop(self._key).set()
-
-
-def _timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.seconds = int(seconds)
-    stamp.nanos = int((seconds - int(seconds)) * 1e9)
-    return stamp
 
 
 class _NetworkService(networkservice_grpc.NetworkServiceServicer):  # type: ignore[misc]

@@ -22,8 +22,6 @@ Closes of several LBs run in parallel (upstream closed them one after another, Â
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import ipaddress
 import time
 from collections.abc import Callable
@@ -40,6 +38,7 @@ from proxy.kernel.router import RemoveLoadBalancer, RouterEvent, SetLoadBalancer
 from proxy.nsm.discovery import LbEvent, LbGone, LbSeen
 from proxy.nsm.endpoint import Addresses
 from proxy.nsm.ipcontext import nsc_context
+from proxy.nsm.wire import interface_name, seconds
 from proxy.rpc import Backoff, ReconnectingChannel, RpcFailedError
 from proxy.rpc.status import describe_status
 from proxy.shutdown import Shutdown
@@ -61,16 +60,10 @@ def connection_id(settings: MeshSettings, nse: str) -> str:
     return f"{settings.name}-{settings.service}-{nse}"
 
 
-def interface_name(service: str, conn_id: str) -> str:
-    """NSM's shape: 10 characters of the service, '-', 4 derived from the id (15 in all)."""
-    digest = base64.b32encode(hashlib.sha256(conn_id.encode()).digest()).decode().lower()
-    return f"{service[:10]}-{digest[:4]}"
-
-
 def time_left(connection: Connection, wall_now: float, default: float) -> float:
     """Until the first token of the path expires (`default` when no segment says)."""
     left = [
-        s.expires.seconds + s.expires.nanos / 1e9 - wall_now
+        seconds(s.expires) - wall_now
         for s in connection.path.path_segments
         if s.HasField("expires")
     ]

@@ -27,6 +27,7 @@ from proxy.api.registry.registry_pb2 import (
     NetworkServiceEndpoint,
     NetworkServiceLabels,
 )
+from proxy.nsm.wire import seconds, timestamp
 from proxy.rpc import Backoff, ReconnectingChannel, RpcFailedError
 from proxy.rpc.status import describe_status
 from proxy.shutdown import Shutdown
@@ -57,13 +58,13 @@ def endpoint(
         network_service_names=[service],
         network_service_labels={service: NetworkServiceLabels(labels={"nodeName": host})},
         url=url,
-        expiration_time=_timestamp(expires),
+        expiration_time=timestamp(expires),
     )
 
 
 def refresh_after(expiration: Timestamp, now: float) -> float:
     """Seconds until the next registration: 2/3 of the lifetime left (at least 0.2 s)."""
-    left = expiration.seconds + expiration.nanos / 1e9 - now
+    left = seconds(expiration) - now
     return max(0.2, left * 2 / 3)
 
 
@@ -151,10 +152,3 @@ class Registration:
             logger.warning(
                 "endpoint not unregistered", name=self._name, reason=describe_status(exc)
             )
-
-
-def _timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.seconds = int(seconds)
-    stamp.nanos = int((seconds - int(seconds)) * 1e9)
-    return stamp

@@ -24,7 +24,8 @@ from proxy.api.networkservice.connection_pb2 import (
 )
 from proxy.api.networkservice.networkservice_pb2 import NetworkServiceRequest
 from proxy.kernel.router import RouterEvent, SetTargetPort
-from proxy.nsm.endpoint import TargetEndpoint, interface_name
+from proxy.nsm.endpoint import TargetEndpoint
+from proxy.nsm.wire import interface_name
 from proxy.rpc.connection import Peer
 from proxy.watched import Watched
 

@@ -7,15 +7,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from proxy.api.networkservice.connection_pb2 import Connection, PathSegment
 from proxy.api.registry.registry_pb2 import NetworkServiceEndpoint, NetworkServiceEndpointResponse
 from proxy.nsm.discovery import evictable, is_alive
-from proxy.nsm.mesh import (
-    MeshSettings,
-    connection_id,
-    interface_name,
-    lb_addresses,
-    refresh_in,
-    time_left,
-)
+from proxy.nsm.mesh import MeshSettings, connection_id, lb_addresses, refresh_in, time_left
 from proxy.nsm.registration import endpoint, network_service, refresh_after
+from proxy.nsm.wire import interface_name
 
 SETTINGS = MeshSettings("proxy-a", "conduit-a.trench-a.red", 1500, 15.0, 5.0, 600.0)
 
