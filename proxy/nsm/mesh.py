@@ -15,8 +15,12 @@ Each connection task:
   shutdown budget, takes it out of the router, and lets IPAM release its addresses later.
 
 The connection id is `<NSM_NAME>-<network service>-<endpoint>` (upstream's, no random part) and
-the interface name is derived from it, so a restarted proxy asks again for the same connection:
-NSM treats it as a refresh, and the interface and addresses are reused, not duplicated.
+the interface name is derived from it. After a restart, before its first Request, a connection
+task asks the manager for the connection it had (MonitorConnections selecting its id, first
+event only, as upstream) and, when found, sends it as a refresh: NSM keeps the interface (and
+IPAM the addresses), nothing is duplicated. Upstream forces a reselect there, which tears the
+LB's interface down and up again; with the bridge's stable MAC the reason for it (stale
+neighbour entries) is gone, and a refresh loses no traffic.
 Closes of several LBs run in parallel (upstream closed them one after another, §11.6).
 """
 
@@ -30,8 +34,14 @@ import attrs
 import trio
 from loguru import logger
 
-from proxy.api.networkservice import networkservice_grpc
-from proxy.api.networkservice.connection_pb2 import Connection, Mechanism, PathSegment
+from proxy.api.networkservice import connection_grpc, networkservice_grpc
+from proxy.api.networkservice.connection_pb2 import (
+    Connection,
+    ConnectionEvent,
+    Mechanism,
+    MonitorScopeSelector,
+    PathSegment,
+)
 from proxy.api.networkservice.networkservice_pb2 import NetworkServiceRequest
 from proxy.kernel.model import IPAddress
 from proxy.kernel.router import RemoveLoadBalancer, RouterEvent, SetLoadBalancer
@@ -39,7 +49,7 @@ from proxy.nsm.discovery import LbEvent, LbGone, LbSeen
 from proxy.nsm.endpoint import Addresses
 from proxy.nsm.ipcontext import nsc_context
 from proxy.nsm.wire import interface_name, seconds
-from proxy.rpc import Backoff, ReconnectingChannel, RpcFailedError
+from proxy.rpc import Backoff, ReconnectingChannel, RpcFailedError, server_stream
 from proxy.rpc.status import describe_status
 from proxy.shutdown import Shutdown
 
@@ -76,6 +86,25 @@ def refresh_in(connection: Connection, wall_now: float, default: float) -> float
     segments = len(connection.path.path_segments)
     scale = 1 / 3 if segments <= 1 else 0.2 + 0.2 * connection.path.index / segments
     return time_left(connection, wall_now, default) * scale
+
+
+def recoverable(event: ConnectionEvent, conn_id: str) -> Connection | None:
+    """From the manager's first monitor event: our connection (its hop at index 1, our segment
+    first, the kernel mechanism), as the client side sends it (index 0, our id)."""
+    for connection in event.connections.values():
+        path = connection.path
+        if (
+            path.index == 1
+            and path.path_segments
+            and path.path_segments[0].id == conn_id
+            and connection.mechanism.type == "KERNEL"
+        ):
+            ours = Connection()
+            ours.CopyFrom(connection)
+            ours.id = conn_id
+            ours.path.index = 0
+            return ours
+    return None
 
 
 def lb_addresses(connection: Connection) -> frozenset[IPAddress]:
@@ -136,6 +165,8 @@ class LbConnection:
 
     async def _establish(self) -> Connection:
         failures = 0
+        if self.connection is None:
+            self.connection = await self._recover()
         while True:
             try:
                 answer = await self._request(self.connection)
@@ -158,6 +189,22 @@ class LbConnection:
                 if self.connection is None:
                     self._addresses.release_later(self.id)
             await trio.sleep(self._backoff.next_delay())
+
+    async def _recover(self) -> Connection | None:
+        """The connection NSM still has for our id (a previous instance's), ready to refresh."""
+        selector = MonitorScopeSelector(path_segments=[PathSegment(id=self.id)])
+        try:
+            with trio.move_on_after(self.settings.request_timeout):
+                stub = connection_grpc.MonitorConnectionStub(await self._nsm.get())
+                async with server_stream(stub.MonitorConnections, selector) as events:
+                    async for event in events:
+                        found = recoverable(event, self.id)
+                        if found is not None:
+                            logger.info("load-balancer connection recovered", conn_id=self.id)
+                        return found
+        except RpcFailedError as exc:
+            logger.debug("no connection to recover", conn_id=self.id, reason=describe_status(exc))
+        return None
 
     async def _refresh(self, *, until: float) -> Connection | None:
         while trio.current_time() < until:

@@ -288,6 +288,7 @@ def test_the_proxy_serves_a_target_over_two_load_balancers(lab: Lab) -> None:
     links = ip_json("link", "show", netns=proxy_ns)
     ports_after = [link for link in links if link.get("master") == "bridge0"]
     assert len(ports_after) == 2, [p["ifname"] for p in ports_after]  # lb0 and the target
+    assert "load-balancer connection recovered" in lab.log("proxy")  # a refresh, not a new one
 
     # No leak: IPAM holds the live connections' addresses, no more (the restart reused them).
     time.sleep(1.5)  # the release delay

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from proxy.api.networkservice.connection_pb2 import Connection, PathSegment
+from proxy.api.networkservice.connection_pb2 import (
+    Connection,
+    ConnectionEvent,
+    ConnectionEventType,
+    PathSegment,
+)
 from proxy.api.registry.registry_pb2 import NetworkServiceEndpoint, NetworkServiceEndpointResponse
 from proxy.nsm.discovery import evictable, is_alive
-from proxy.nsm.mesh import MeshSettings, connection_id, lb_addresses, refresh_in, time_left
+from proxy.nsm.mesh import (
+    MeshSettings,
+    connection_id,
+    lb_addresses,
+    recoverable,
+    refresh_in,
+    time_left,
+)
 from proxy.nsm.registration import endpoint, network_service, refresh_after
 from proxy.nsm.wire import interface_name
 
@@ -96,3 +108,22 @@ def test_lb_addresses_come_from_dst_and_garbage_is_skipped() -> None:
         ["198.18.0.10/24", "nonsense", "2001:db8::a/64"]
     )
     assert {str(a) for a in lb_addresses(connection)} == {"198.18.0.10", "2001:db8::a"}
+
+
+def test_recovery_takes_our_connection_from_the_managers_first_event() -> None:
+    event = ConnectionEvent(type=ConnectionEventType.INITIAL_STATE_TRANSFER)
+    ours = event.connections["m-1"]
+    ours.id = "m-1"
+    ours.mechanism.type = "KERNEL"
+    ours.path.index = 1
+    ours.path.path_segments.extend([PathSegment(name="proxy-a", id="c-1"), PathSegment(id="m-1")])
+    other = event.connections["m-2"]
+    other.path.index = 1
+    other.path.path_segments.extend([PathSegment(id="c-2"), PathSegment(id="m-2")])
+    recovered = recoverable(event, "c-1")
+    assert recovered is not None
+    assert (recovered.id, recovered.path.index) == ("c-1", 0)
+    assert [s.id for s in recovered.path.path_segments] == ["c-1", "m-1"]
+    assert recoverable(event, "c-3") is None
+    ours.mechanism.type = "MEMIF"
+    assert recoverable(event, "c-1") is None
