@@ -37,7 +37,7 @@ from proxy.api.networkservice.networkservice_pb2 import NetworkServiceRequest
 from proxy.kernel.model import IPInterface
 from proxy.kernel.router import RouterEvent, SetTargetPort
 from proxy.nsm.ipcontext import nse_context
-from proxy.nsm.path import PathError, server_hop
+from proxy.nsm.path import Hop, PathError, server_hop
 from proxy.nsm.wire import interface_name, seconds, timestamp
 from proxy.rpc import CallContext, InvalidArgumentError, UnavailableError
 from proxy.watched import Watched
@@ -200,8 +200,20 @@ class TargetEndpoint:
         except PathError:
             return Empty()  # nothing of ours can be behind a path we could not take
         async with self._turn(hop.connection.id):
-            await self._forget(hop.connection.id, reason="closed")
+            if hop.connection.id in self.connections:
+                await self._forget(hop.connection.id, reason="closed")
+            else:
+                # Not known here: a previous instance of the proxy served it (its table died
+                # with it). The target is leaving all the same: release by its key and port.
+                await self._forget_unknown(hop)
         return Empty()
+
+    async def _forget_unknown(self, hop: Hop) -> None:
+        self._addresses.release_later(hop.first_id)
+        if hop.connection.mechanism.type != NOOP:
+            name = interface_name(self.service_name, hop.first_id)
+            await self._router.send(SetTargetPort(name, wanted=False))
+        logger.info("unknown target disconnected", key=hop.first_id)
 
     def _choose_mechanism(self, message: NetworkServiceRequest) -> Mechanism:
         chosen = Mechanism()

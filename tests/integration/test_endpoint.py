@@ -237,3 +237,15 @@ async def test_an_unrefreshed_connection_expires_like_nsm_times_it_out(
             interface_name(SERVICE, "target-a-red-0"), wanted=False
         )
         nursery.cancel_scope.cancel()
+
+
+async def test_closing_a_connection_of_a_previous_instance_releases_it(served: Served) -> None:
+    """The proxy restarted and the target leaves before refreshing: its key is in the path."""
+    answer = await served.stub.Request(target_request())
+    served.endpoint.connections.clear()  # what a restart forgets
+    served.router.receive_nowait()
+    await served.stub.Close(answer)
+    assert served.addresses.released == ["target-a-red-0"]
+    assert served.router.receive_nowait() == SetTargetPort(
+        interface_name(SERVICE, "target-a-red-0"), wanted=False
+    )

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,13 @@ class Lab:
     directory: Path
     namespaces: dict[str, str]
     processes: dict[str, subprocess.Popen[bytes]] = attrs.field(factory=dict)
+    args: dict[str, list[str]] = attrs.field(factory=dict)
 
     def socket(self, name: str) -> str:
         return f"unix://{self.directory}/{name}.sock"
 
     def start(self, name: str, args: list[str], netns: str | None = None, **env: str) -> None:
+        self.args[name] = args
         inside = ["ip", "netns", "exec", netns] if netns else []
         log = open(self.directory / f"{name}.log", "ab")  # noqa: SIM115 (closed by the child's exit)
         self.processes[name] = subprocess.Popen(
@@ -98,6 +101,14 @@ def probe(lab: Lab, service: str) -> int:
         capture_output=True,
         timeout=20,
     ).returncode
+
+
+def probe_serving(lab: Lab, service: str) -> bool:
+    return probe(lab, service) == 0
+
+
+def probe_fails(lab: Lab, service: str) -> bool:
+    return probe(lab, service) != 0
 
 
 def proxy_env(lab: Lab) -> dict[str, str]:
@@ -207,6 +218,11 @@ def ipam_children(lab: Lab) -> set[str]:
         return {name for (name,) in db.execute("SELECT name FROM child")}
 
 
+def addresses_of_target(lab: Lab) -> list[str]:
+    addresses = ip_json("addr", "show", "eth0", netns=lab.namespaces["tg0"])[0]["addr_info"]
+    return sorted(a["local"] for a in addresses if a.get("scope") == "global")
+
+
 def start_target(lab: Lab) -> None:
     lab.start(
         "tg0",
@@ -266,7 +282,9 @@ def test_the_proxy_serves_a_target_over_two_load_balancers(lab: Lab) -> None:
     expected = {"bridge", *pair("proxy-a", "lb0"), "tg0-red-0-src", "tg0-red-0-dst"}
     wait_until(lambda: ipam_children(lab) == expected, 10, "lb1's addresses released", lab)
 
-    # The proxy killed and started again: same bridge address and MAC, no duplicated ports.
+    # The proxy killed and started again: same bridge address and MAC, no duplicated ports,
+    # the target keeps its addresses.
+    target_before = addresses_of_target(lab)
     addresses_before = sorted(
         a["local"]
         for a in ip_json("addr", "show", "bridge0", netns=proxy_ns)[0]["addr_info"]
@@ -290,9 +308,26 @@ def test_the_proxy_serves_a_target_over_two_load_balancers(lab: Lab) -> None:
     assert len(ports_after) == 2, [p["ifname"] for p in ports_after]  # lb0 and the target
     assert "load-balancer connection recovered" in lab.log("proxy")  # a refresh, not a new one
 
+    assert addresses_of_target(lab) == target_before
+
     # No leak: IPAM holds the live connections' addresses, no more (the restart reused them).
     time.sleep(1.5)  # the release delay
     assert ipam_children(lab) == expected
+
+    # IPAM and NSP restarted mid-run: their health goes NOT_SERVING and comes back.
+    for peer, subservice in (("ipam", "IPAMCli"), ("nsp", "NSPCli")):
+        args = lab.args[peer]
+        lab.stop(peer)
+        wait_until(partial(probe_fails, lab, subservice), 20, f"{subservice} down", lab)
+        lab.start(peer, args)
+        wait_until(partial(probe_serving, lab, subservice), 30, f"{subservice} back", lab)
+    assert probe(lab, "Readiness") == 0
+
+    # The target leaves: its addresses stay for the release delay, then go back to IPAM.
+    lab.stop("tg0")
+    wait_until(
+        lambda: ipam_children(lab) == {"bridge", *pair("proxy-a", "lb0")}, 15, "tg0 released", lab
+    )
 
     # SIGTERM: out within the shutdown budget, status 0, health socket gone.
     started = time.monotonic()

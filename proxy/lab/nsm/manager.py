@@ -639,7 +639,10 @@ class Manager:
         self, nse: NetworkServiceEndpoint, method: str, message: Any
     ) -> tuple[Any, Peer]:
         """Request or Close on the NSE at its registered URL, within the current deadline;
-        failures come out as RpcFailedError naming the NSE."""
+        failures come out as RpcFailedError naming the NSE. The URL is the NSE's current
+        registration when it has one: a restarted endpoint registers a new socket, and its
+        connections' refreshes and closes must reach it there (NSM heals them likewise)."""
+        nse = await self.registry.endpoint(nse.name) or nse
         where = f"endpoint {nse.name!r} ({nse.url or 'no URL'})"
         try:
             async with open_channel(
