@@ -8,9 +8,10 @@ import tempfile
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf.empty_pb2 import Empty
 import pytest
 import trio
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
 
 from proxy import rpc
 from proxy.api.networkservice import networkservice_grpc
@@ -101,7 +102,7 @@ async def test_a_request_wires_a_veth_pair_and_close_removes_it(socket_dir: str)
                 nse.expiration_time.seconds = 2**40
                 await registry_grpc.NetworkServiceEndpointRegistryStub(channel).Register(nse)
 
-            def call(method: str, message: object, reply: type) -> object:
+            def call(method: str, message: Message, reply: type[Message]) -> object:
                 with grpc.insecure_channel(f"unix://{nsm_path}") as grpc_channel:
                     stub = grpc_channel.unary_unary(
                         f"/networkservice.NetworkService/{method}",
@@ -121,14 +122,8 @@ async def test_a_request_wires_a_veth_pair_and_close_removes_it(socket_dir: str)
             assert addresses(names["nsc"], "nsc-eth0") == {"198.18.7.2/24", "2001:db8:7::2/64"}
             assert addresses(names["nse"], "nse-eth0") == {"198.18.7.3/24", "2001:db8:7::3/64"}
 
-            from google.protobuf.empty_pb2 import Empty
-
             await trio.to_thread.run_sync(call, "Close", answer, Empty)
             assert endpoint.closed == 1
-            assert ip_json("link", "show", netns=names["nsc"]) == [
-                link
-                for link in ip_json("link", "show", netns=names["nsc"])
-                if link["ifname"] == "lo"
-            ]
-            assert [l["ifname"] for l in ip_json("link", "show", netns=names["nse"])] == ["lo"]
+            for netns in (names["nsc"], names["nse"]):
+                assert [link["ifname"] for link in ip_json("link", "show", netns=netns)] == ["lo"]
             nursery.cancel_scope.cancel()
