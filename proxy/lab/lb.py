@@ -35,7 +35,6 @@ import ipaddress
 import os
 import socket
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -48,7 +47,7 @@ from loguru import logger
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from proxy.api.networkservice.connection_pb2 import Connection, Mechanism, Path
+from proxy.api.networkservice.connection_pb2 import Connection, Mechanism
 from proxy.api.networkservice.networkservice_grpc import NetworkServiceServicer
 from proxy.api.networkservice.networkservice_pb2 import NetworkServiceRequest
 from proxy.api.registry.registry_grpc import (
@@ -65,6 +64,7 @@ from proxy.kernel.netlink import NetlinkWorker
 from proxy.kernel.sysctl import write_proc
 from proxy.lab.listen import serve
 from proxy.lab.nsm.kernel import MAX_IFNAME, netns_path
+from proxy.nsm.path import PathError, server_hop
 from proxy.rpc import (
     Address,
     Backoff,
@@ -84,14 +84,12 @@ __all__ = [
     "SYSCTLS",
     "LbSettings",
     "LoadBalancer",
-    "PathError",
     "interface_name",
     "netns_url",
     "run_lb",
     "run_worker",
     "select_mechanism",
     "timestamp",
-    "update_path",
     "wall_seconds",
 ]
 
@@ -129,39 +127,6 @@ class LbSettings:
 
 
 # -- pure pieces of NSM's endpoint chain ---------------------------------------------------------
-
-
-class PathError(ValueError):
-    """A request whose path does not fit the connection (NSM's updatepath would refuse it)."""
-
-
-def update_path(path: Path, name: str, connection_id: str, new_id: Callable[[], str]) -> int:
-    """NSM's updatepath for a server named `name`: make `path` hold our segment right after the
-    caller's (reusing it on a refresh) and point `path.index` at it; returns the caller's index.
-
-    The caller's segment must carry the connection's id. A segment of ours further on is reused;
-    anything after the caller's segment that is not ours is cut (NSM does the same)."""
-    if not path.path_segments:
-        path.path_segments.add(name=name, id=new_id())
-        path.index = 0
-        return 0
-    index = path.index
-    if index >= len(path.path_segments):
-        raise PathError(f"path index {index} is past its {len(path.path_segments)} segments")
-    if path.path_segments[index].id != connection_id:
-        raise PathError(
-            f"the connection id {connection_id!r} is not the id of path segment {index}"
-            f" ({path.path_segments[index].id!r})"
-        )
-    if path.path_segments[index].name == name:
-        return index  # already ours (we are the first hop)
-    if index + 1 < len(path.path_segments) and path.path_segments[index + 1].name == name:
-        path.index = index + 1
-        return index
-    del path.path_segments[index + 1 :]
-    path.path_segments.add(name=name, id=new_id())
-    path.index = index + 1
-    return index
 
 
 def select_mechanism(request: NetworkServiceRequest) -> Mechanism:
@@ -225,16 +190,13 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
                 f"this endpoint serves {settings.service!r}, not {incoming.network_service!r}"
             )
         mechanism = select_mechanism(message)
-        connection = Connection()
-        connection.CopyFrom(incoming)
         caller_id = incoming.id
         try:
-            caller_index = update_path(
-                connection.path, settings.name, caller_id, lambda: str(uuid.uuid4())
-            )
+            hop = server_hop(incoming, settings.name)
         except PathError as exc:
             raise InvalidArgumentError(str(exc)) from None
-        own = connection.path.path_segments[connection.path.index]
+        connection = hop.connection
+        own = hop.segment
         own.expires.CopyFrom(timestamp(time.time() + settings.token_lifetime))
         name = mechanism.parameters.get("name") or interface_name(caller_id)
         if len(name) > MAX_IFNAME:
@@ -243,8 +205,7 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
         mechanism.parameters["inodeURL"] = netns_url(settings.netns)
         connection.mechanism.CopyFrom(mechanism)
         connection.network_service_endpoint_name = settings.name
-        connection.path.index = caller_index
-        connection.id = caller_id
+        connection = hop.answer(connection)
         known = caller_id in self.connections
         self.connections[caller_id] = connection
         logger.info(

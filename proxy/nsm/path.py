@@ -1,10 +1,11 @@
 """NSM connection paths (pure): what each hop does to `connection.path` and `connection.id`.
 
 NSM's `updatepath` (wire-api §4.2): a server whose name is not the current segment's advances
-`path.index` by one, appends its own segment `{name, id: <new UUID>}` when there is none at the
-new index, and works on the connection under that segment's id; its answer carries the
-caller's id and index again. A refresh finds the server's segment already there and keeps its
-id, so a connection keeps its identity at every hop.
+`path.index` by one, appends its own segment `{name, id: <new UUID>}` when there is none of its
+own at the new index (what followed the caller's segment is cut, as NSM does), and works on the
+connection under that segment's id; its answer carries the caller's id and index again. A
+refresh finds the server's segment already there and keeps its id, so a connection keeps its
+identity at every hop.
 """
 
 from __future__ import annotations
@@ -65,12 +66,9 @@ def server_hop(
     ours.CopyFrom(connection)
     if current.name != name:
         ours.path.index += 1
-        if ours.path.index == len(ours.path.path_segments):
-            ours.path.path_segments.add(name=name, id=new_id())
-        elif ours.path.path_segments[ours.path.index].name != name:
-            raise PathError(
-                f"path segment {ours.path.index} belongs to "
-                f"{ours.path.path_segments[ours.path.index].name!r}, not to {name!r}"
-            )
+        segments = ours.path.path_segments
+        if ours.path.index == len(segments) or segments[ours.path.index].name != name:
+            del segments[ours.path.index :]
+            segments.add(name=name, id=new_id())
     ours.id = ours.path.path_segments[ours.path.index].id
     return Hop(ours, caller_id=connection.id, caller_index=connection.path.index)

@@ -39,11 +39,9 @@ from proxy.api.registry.registry_pb2 import NetworkService, NetworkServiceEndpoi
 from proxy.lab.lb import (
     LbSettings,
     LoadBalancer,
-    PathError,
     interface_name,
     run_lb,
     timestamp,
-    update_path,
     wall_seconds,
 )
 from proxy.lab.target import MIN_REFRESH, Target, TargetSettings, refresh_delay, run_target
@@ -175,26 +173,6 @@ def path_of(*segments: tuple[str, str], index: int) -> NsmPath:
     for name, segment_id in segments:
         path.path_segments.add(name=name, id=segment_id)
     return path
-
-
-def test_update_path_appends_reuses_and_cuts_as_nsm_does() -> None:
-    def new_id() -> str:
-        return "new"
-
-    fresh = path_of(("proxy", "p-1"), ("nsmgr", "m-1"), index=1)
-    assert update_path(fresh, "lb", "m-1", new_id) == 1
-    assert (fresh.index, [s.id for s in fresh.path_segments]) == (2, ["p-1", "m-1", "new"])
-    refresh = path_of(("proxy", "p-1"), ("nsmgr", "m-1"), ("lb", "lb-7"), index=1)
-    assert update_path(refresh, "lb", "m-1", new_id) == 1
-    assert (refresh.index, [s.id for s in refresh.path_segments]) == (2, ["p-1", "m-1", "lb-7"])
-    stale = path_of(("proxy", "p-1"), ("nsmgr", "m-1"), ("old", "o-1"), index=1)
-    assert update_path(stale, "lb", "m-1", new_id) == 1
-    assert [s.name for s in stale.path_segments] == ["proxy", "nsmgr", "lb"]
-    empty = NsmPath()
-    assert update_path(empty, "lb", "", new_id) == 0
-    assert [(s.name, s.id) for s in empty.path_segments] == [("lb", "new")]
-    with pytest.raises(PathError, match="past its 2 segments"):
-        update_path(path_of(("a", "1"), ("b", "2"), index=2), "lb", "2", new_id)
 
 
 def test_refresh_comes_at_a_third_of_the_earliest_expiry() -> None:

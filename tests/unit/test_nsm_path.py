@@ -46,7 +46,6 @@ def test_a_request_already_at_our_segment_stays_there() -> None:
         (Connection(id="x"), "no path"),
         (connection(("tapa", "t-1"), conn_id="other"), "is not the id of path segment 0"),
         (connection(("tapa", "t-1"), index=0, conn_id="t-1"), None),
-        (connection(("tapa", "t-1"), ("someone", "s-1")), "belongs to 'someone'"),
     ],
 )
 def test_unusable_paths_are_refused_with_the_reason(conn: Connection, reason: str | None) -> None:
@@ -63,3 +62,14 @@ def test_the_input_is_not_modified() -> None:
     before.CopyFrom(original)
     server_hop(original, "proxy-a")
     assert original == before
+
+
+def test_a_foreign_segment_after_the_callers_is_replaced_by_ours() -> None:
+    """As NSM: what follows the caller's segment and is not ours is cut."""
+    hop = server_hop(
+        connection(("tapa", "t-1"), ("someone", "s-1"), ("more", "m-1")), "proxy-a", lambda: "p-9"
+    )
+    assert [(s.name, s.id) for s in hop.connection.path.path_segments] == [
+        ("tapa", "t-1"),
+        ("proxy-a", "p-9"),
+    ]
