@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -28,10 +25,10 @@ from proxy.api.nsp.v1.model_pb2 import Conduit, Trench
 from proxy.lab.ipam import IpamSettings, open_ipam, run_gc, serve_ipam
 from proxy.lab.ipam_store import ChildKey, StoreError
 from proxy.rpc import UnixAddress
+from tests.integration.lab_process import lab_process
 
 pytestmark = pytest.mark.timeout(30)
 
-REPO = Path(__file__).resolve().parents[2]
 TRENCH = "trench-a"
 CALL_TIMEOUT = 10.0
 
@@ -303,39 +300,19 @@ async def test_gc_collects_stale_records_and_keeps_refreshed_ones(
 
 async def test_cli_serves_until_sigterm_and_removes_its_socket(sockdir: str) -> None:
     path = f"{sockdir}/ipam.sock"
-    argv = [
-        *(sys.executable, "-m", "proxy", "lab", "ipam"),
-        *("--listen", f"unix://{path}", "--db", f"{sockdir}/ipam.db", "--trench", TRENCH),
+    args = [
+        *("ipam", "--listen", f"unix://{path}", "--db", f"{sockdir}/ipam.db", "--trench", TRENCH),
         *("--prefix", "198.18.64.0/18", "--prefix", "2001:db8:200::/48"),
         *("--node-prefix-length-ipv4", "28", "--gc-interval", "1h", "--log-level", "DEBUG"),
     ]
-    process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, cwd=REPO)
-    output = b""
-    try:
-        assert process.stdout is not None
-        with trio.fail_after(20):
-            while b"serving service=ipam" not in output:
-                chunk = await process.stdout.receive_some()
-                assert chunk, f"exited early: {output.decode()}"
-                output += chunk
+    async with lab_process(args, b"serving service=ipam") as ipam:
         client = Client(path)
         try:
             assert await client.address(child("bridge")) == "198.18.64.1/28"
             assert await client.address(child("bridge", family=IPV6)) == "2001:db8:200::1/64"
         finally:
             client.channel.close()
-        process.send_signal(signal.SIGTERM)
-        with trio.fail_after(10):
-            assert await process.wait() == 0
-            while chunk := await process.stdout.receive_some():
-                output += chunk
+        assert await ipam.stop() == 0
         assert not await trio.Path(path).exists()
-        assert b"allocated" in output and b"child=bridge" in output
-        assert b"stopped service=ipam" in output
-    finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
-            if process.stdout is not None:
-                await process.stdout.aclose()
+        assert b"allocated" in ipam.output and b"child=bridge" in ipam.output
+        assert b"stopped service=ipam" in ipam.output

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -52,10 +48,10 @@ from proxy.lab.nsm.forwarding import NoKernel, Wiring
 from proxy.lab.nsm.registry import from_timestamp
 from proxy.lab.nsm.server import serve_nsm
 from proxy.rpc import CallContext, Server, open_channel
+from tests.integration.lab_process import lab_process
 
 pytestmark = pytest.mark.timeout(30)
 
-REPO = Path(__file__).resolve().parents[2]
 SERVICE = "proxy.conduit-a.trench-a.default"
 NS_API = "/networkservice.NetworkService"
 MONITOR = "/connection.MonitorConnection/MonitorConnections"
@@ -650,25 +646,8 @@ async def test_a_client_channel_knows_the_server_process(workdir: str) -> None:
 
 async def test_cli_serves_until_sigterm_and_removes_its_socket(workdir: str) -> None:
     path = f"{workdir}/nsm.sock"
-    argv = [
-        sys.executable,
-        "-m",
-        "proxy",
-        "lab",
-        "nsm",
-        "--listen",
-        f"unix://{path}",
-        "--no-kernel",
-    ]
-    process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, cwd=REPO)
-    output = b""
-    try:
-        assert process.stdout is not None
-        with trio.fail_after(20):
-            while b"serving service=nsm" not in output:
-                chunk = await process.stdout.receive_some()
-                assert chunk, f"exited early: {output.decode()}"
-                output += chunk
+    args = ["nsm", "--listen", f"unix://{path}", "--no-kernel"]
+    async with lab_process(args, b"serving service=nsm") as nsm:
         async with trio.open_nursery() as nursery:
             lab = Lab(workdir, nursery, None)
             lab.channel = grpc.insecure_channel(f"unix://{path}")
@@ -695,17 +674,6 @@ async def test_cli_serves_until_sigterm_and_removes_its_socket(workdir: str) -> 
             finally:
                 lab.channel.close()
                 nursery.cancel_scope.cancel()
-        process.send_signal(signal.SIGTERM)
-        with trio.fail_after(10):
-            assert await process.wait() == 0
-            while chunk := await process.stdout.receive_some():
-                output += chunk
+        assert await nsm.stop() == 0
         assert not await trio.Path(path).exists()
-        assert b"connection established" in output and b"stopped service=nsm" in output
-    finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
-            if process.stdout is not None:
-                await process.stdout.aclose()
+        assert b"connection established" in nsm.output and b"stopped service=nsm" in nsm.output

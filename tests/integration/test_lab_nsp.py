@@ -10,15 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -39,10 +35,10 @@ from proxy.api.nsp.v1.model_pb2 import Attractor, Conduit, Flow, Gateway, Stream
 from proxy.lab.nsp import serve_nsp
 from proxy.lab.nsp_config import ConfigFileError
 from proxy.rpc import UnixAddress
+from tests.integration.lab_process import lab_process
 
 pytestmark = pytest.mark.timeout(30)
 
-REPO = Path(__file__).resolve().parents[2]
 POLL = 0.05
 SERVICE = "/nsp.v1.ConfigurationManager"
 RESPONSES: dict[str, Any] = {
@@ -384,19 +380,8 @@ async def test_cli_serves_until_sigterm_and_removes_its_socket(workdir: str) -> 
     path = f"{workdir}/nsp.sock"
     config_path = f"{workdir}/trench.json"
     write(config_path, trench_config())
-    argv = [
-        *(sys.executable, "-m", "proxy", "lab", "nsp"),
-        *("--listen", f"unix://{path}", "--config", config_path, "--poll", "100ms"),
-    ]
-    process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, cwd=REPO)
-    output = b""
-    try:
-        assert process.stdout is not None
-        with trio.fail_after(20):
-            while b"serving service=nsp" not in output:
-                chunk = await process.stdout.receive_some()
-                assert chunk, f"exited early: {output.decode()}"
-                output += chunk
+    args = ["nsp", "--listen", f"unix://{path}", "--config", config_path, "--poll", "100ms"]
+    async with lab_process(args, b"serving service=nsp") as nsp:
         channel = grpc.insecure_channel(f"unix://{path}")
         try:
             async with watch(channel, "WatchVip", Vip(trench=Trench(name="trench-a"))) as vips:
@@ -406,17 +391,6 @@ async def test_cli_serves_until_sigterm_and_removes_its_socket(workdir: str) -> 
                 assert vip_list(response) == expected_vips({"vip-v4": "198.19.0.5/32"})
         finally:
             channel.close()
-        process.send_signal(signal.SIGTERM)
-        with trio.fail_after(10):
-            assert await process.wait() == 0
-            while chunk := await process.stdout.receive_some():
-                output += chunk
+        assert await nsp.stop() == 0
         assert not await trio.Path(path).exists()
-        assert b"configuration loaded" in output and b"stopped service=nsp" in output
-    finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
-            if process.stdout is not None:
-                await process.stdout.aclose()
+        assert b"configuration loaded" in nsp.output and b"stopped service=nsp" in nsp.output
