@@ -105,9 +105,10 @@ class Desired:
     ports: frozenset[str] = frozenset()
     nexthops: frozenset[IPAddress] = frozenset()  # the load-balancers, both families
     vips: frozenset[IPNetwork] = frozenset()
-    # Release bridge ports that are not wanted. Off until the control plane knows every port it
-    # wants, so that a restart does not detach the ports of a previous instance's live peers.
-    prune_ports: bool = False
+    # Ports to take off the bridge if they are still on it: the ones the control plane said
+    # it no longer wants. Ports nobody mentioned are left alone: after a restart they belong to
+    # peers (targets) the new instance has not heard from yet.
+    release_ports: frozenset[str] = frozenset()
 
 
 def stable_mac(*parts: str) -> str:

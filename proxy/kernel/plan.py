@@ -180,11 +180,11 @@ def _ports(desired: Desired, observed: Observed, scope: Scope) -> list[Op]:
         link = observed.links.get(name)
         if link is not None and (bridge_index is None or link.master != bridge_index):
             ops.append(SetLink(name, master=scope.bridge))
-    if desired.prune_ports and bridge_index is not None:
+    if bridge_index is not None:
         ops += [
-            SetLink(link.name, release=True)
-            for link in sorted(observed.links.values(), key=lambda link: link.name)
-            if link.master == bridge_index and link.name not in desired.ports
+            SetLink(name, release=True)
+            for name in sorted(desired.release_ports - desired.ports)
+            if name in observed.links and observed.links[name].master == bridge_index
         ]
     return ops
 

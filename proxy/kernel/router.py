@@ -83,9 +83,8 @@ class SetVips:
 
 @attrs.frozen
 class ConnectionsKnown:
-    """Every load-balancer and target connection there is has been reported (the mesh and the
-    endpoint have settled after start): what a previous instance left and nobody wants now may
-    go (stale nexthops, ports)."""
+    """Every load-balancer connection there is has been reported (the mesh has settled after
+    start): the LB nexthops a previous instance left and nobody wants now may go."""
 
 
 RouterEvent = (
@@ -114,6 +113,7 @@ class Intent:
     target_ports: frozenset[str] = frozenset()
     load_balancers: dict[str, LoadBalancer] = attrs.field(factory=dict)
     vips: frozenset[IPNetwork] = frozenset()
+    released_ports: frozenset[str] = frozenset()  # said to be no longer wanted
     # Until a source has spoken, the router adopts what the kernel holds for it instead of
     # removing it: a restart must not drop traffic while IPAM, NSP and NSM are asked again.
     addresses_known: bool = False
@@ -125,19 +125,26 @@ class Intent:
             case SetBridgeAddresses(addresses=addresses):
                 self.bridge_addresses = addresses
                 self.addresses_known = True
-            case SetTargetPort(name=name, wanted=wanted):
-                ports = set(self.target_ports)
-                (ports.add if wanted else ports.discard)(name)
-                self.target_ports = frozenset(ports)
+            case SetTargetPort(name=name, wanted=True):
+                self.target_ports |= {name}
+                self.released_ports -= {name}
+            case SetTargetPort(name=name, wanted=False):
+                self.target_ports -= {name}
+                self.released_ports |= {name}
             case SetLoadBalancer(key=key, interface=interface, addresses=addresses):
                 self.load_balancers[key] = LoadBalancer(interface, addresses)
+                self.released_ports -= {interface}
             case RemoveLoadBalancer(key=key):
-                self.load_balancers.pop(key, None)
+                gone = self.load_balancers.pop(key, None)
+                if gone is not None:
+                    self.released_ports |= {gone.interface}
             case SetVips(vips=vips):
                 self.vips = vips
                 self.vips_known = True
             case ConnectionsKnown():
                 self.connections_known = True
+            case LinkChanged(link=link, deleted=True):
+                self.released_ports -= {link.name}  # gone: nothing left to release
             case LinkChanged() | Resynced():
                 pass  # only a reason to look again
 
@@ -155,7 +162,7 @@ def desired_state(intent: Intent, observed: Observed, mac: str) -> Desired:
         ports=intent.target_ports | {lb.interface for lb in intent.load_balancers.values()},
         nexthops=frozenset(nexthops),
         vips=intent.vips if intent.vips_known else frozenset(r.source for r in observed.rules),
-        prune_ports=intent.connections_known,
+        release_ports=intent.released_ports,
     )
 
 

@@ -454,3 +454,21 @@ async def test_a_restart_keeps_what_sources_have_not_reported_yet() -> None:
         fresh.intent.update(ConnectionsKnown())  # NSM settled, no LB reported: egress goes
         await fresh.reconcile()
         assert fresh.egress.value is False
+
+
+async def test_ports_nobody_mentioned_stay_ports_released_ones_go() -> None:
+    """After a restart, the ports of targets not heard from yet must stay on the bridge."""
+    async with lab(1) as env:
+        await env.events.send(SetTargetPort("tg0"))
+        with namespaces("tg") as names:
+            veth(env.proxy, "tg0", names["tg"], "eth0")
+            await env.settle(
+                lambda o: "tg0" in o.links and o.links["tg0"].master == o.links["bridge0"].index
+            )
+            fresh = Router(env.worker, env.router.scope, env.router.mac, interval=3600)
+            fresh.intent.update(ConnectionsKnown())
+            assert [op for op in await fresh.reconcile() if type(op).__name__ == "SetLink"] == []
+            fresh.intent.update(SetTargetPort("tg0", wanted=False))
+            ops = await fresh.reconcile()
+            assert [type(op).__name__ for op in ops] == ["SetLink"]
+            assert "master" not in ip_json("link", "show", "tg0", netns=env.proxy)[0]

@@ -77,7 +77,7 @@ def desired_states(draw: st.DrawFn) -> Desired:
         ports=draw(st.frozensets(st.sampled_from((*PORTS, "not-yet-there")))),
         nexthops=draw(gateways),
         vips=draw(st.frozensets(vip, max_size=6)),
-        prune_ports=draw(st.booleans()),
+        release_ports=draw(st.frozensets(st.sampled_from(PORTS))),
     )
 
 
@@ -150,9 +150,8 @@ def assert_reached(desired: Desired, state: Observed, scope: Scope) -> None:
     assert state.bridge_addresses == desired.addresses
     for name in desired.ports & state.links.keys():
         assert state.links[name].master == bridge.index
-    if desired.prune_ports:
-        enslaved = {n for n, link in state.links.items() if link.master == bridge.index}
-        assert enslaved <= desired.ports
+    enslaved = {n for n, link in state.links.items() if link.master == bridge.index}
+    assert not enslaved & (desired.release_ports - desired.ports)
     for family in FAMILIES:
         wanted = {g for g in desired.nexthops if Family.of(g) is family}
         routes = {r for r in state.routes if r.family is family}
