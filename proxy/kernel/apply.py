@@ -7,6 +7,8 @@ batch: later ones may not depend on it, and the next reconcile retries what is s
 
 from __future__ import annotations
 
+import errno
+import socket
 from typing import Any
 
 import attrs
@@ -14,7 +16,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from proxy.kernel import announce, nexthop, rtnl
-from proxy.kernel.errors import Exists, KernelError, NotFound, from_netlink_error
+from proxy.kernel.errors import Exists, KernelError, NoSuchDevice, NotFound, from_netlink_error
 from proxy.kernel.model import Family, RouteType, Scope
 from proxy.kernel.plan import (
     AddAddress,
@@ -47,27 +49,41 @@ class Applied:
 
 
 def apply_all(ipr: IPRoute, ops: list[Op], scope: Scope) -> Applied:
-    """Carry out `ops` in order; the rule changes (last in a plan) go out as one fast batch."""
-    failures = []
+    """Carry out `ops` in order. Nexthops go through `rtnl` (struct-built messages, one socket);
+    the rule changes (last in a plan) go out as one fast batch; the rest through pyroute2."""
+    failures: list[Failure] = []
     rules = [op for op in ops if isinstance(op, AddRule | DelRule)]
-    for op in ops:
-        if isinstance(op, AddRule | DelRule):
-            continue
-        try:
-            _apply(ipr, op, scope)
-        except NetlinkError as exc:
-            error = from_netlink_error(exc, operation=describe(op))
-            if not _already_done(op, error):
-                failures.append(Failure(op, error))
-        except KernelError as error:
-            if not _already_done(op, error):
-                failures.append(Failure(op, error))
+    with rtnl.Requester() as requester:
+        for op in ops:
+            if isinstance(op, AddRule | DelRule):
+                continue
+            _apply_one(ipr, requester, op, scope, failures)
     answers = rtnl.write_rules([(isinstance(op, AddRule), op.rule) for op in rules])
     for rule_op, answer in zip(rules, answers, strict=True):
         if answer is not None and not _already_done(rule_op, answer):
             answer.operation = describe(rule_op)
             failures.append(Failure(rule_op, answer))
     return Applied(len(ops) - len(failures), tuple(failures))
+
+
+def _apply_one(
+    ipr: IPRoute, requester: rtnl.Requester, op: Op, scope: Scope, failures: list[Failure]
+) -> None:
+    try:
+        if isinstance(op, PutNexthop):
+            oif = None if op.nexthop.is_group else _index(ipr, op.nexthop.device or "")
+            requester.put_nexthop(op.nexthop, oif)
+        elif isinstance(op, DelNexthop):
+            requester.delete_nexthop(op.id)
+        else:
+            _apply(ipr, op, scope)
+    except NetlinkError as exc:
+        error = from_netlink_error(exc, operation=describe(op))
+        if not _already_done(op, error):
+            failures.append(Failure(op, error))
+    except KernelError as error:
+        if not _already_done(op, error):
+            failures.append(Failure(op, error))
 
 
 def _already_done(op: Op, error: KernelError) -> bool:
@@ -84,10 +100,12 @@ def describe(op: Op) -> str:
 
 
 def _index(ipr: IPRoute, name: str) -> int:
-    found = ipr.link_lookup(ifname=name)
-    if not found:
-        raise KernelError(19, "No such device", operation=f"look up {name}")  # ENODEV
-    return int(found[0])
+    """The index of a link in the calling thread's namespace (an ioctl: no dump of every link,
+    which pyroute2's `link_lookup` does)."""
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        raise NoSuchDevice(errno.ENODEV, None, None, f"look up {name!r}") from None
 
 
 def _apply(ipr: IPRoute, op: Op, scope: Scope) -> None:
@@ -126,28 +144,8 @@ def _apply(ipr: IPRoute, op: Op, scope: Scope) -> None:
             )
         case Announce(device=device, address=address):
             announce.announce(_index(ipr, device), device, address, _mac(ipr, device))
-        case PutNexthop(nexthop=nh):
-            if nh.is_group:
-                resilient = None
-                if nh.resilience is not None:
-                    resilient = nexthop.ResilientParams(
-                        nh.resilience.buckets,
-                        nh.resilience.idle_timer,
-                        nh.resilience.unbalanced_timer,
-                    )
-                nexthop.set_group(ipr, nh.id, [(m, 1) for m in nh.members], resilient=resilient)
-            else:
-                assert nh.device is not None and nh.gateway is not None
-                nexthop.add_nexthop(
-                    ipr,
-                    nh.id,
-                    family=nh.family,
-                    gateway=str(nh.gateway),
-                    oif=_index(ipr, nh.device),
-                    replace=True,
-                )
-        case DelNexthop(id=id):
-            nexthop.delete_nexthop(ipr, id)
+        case PutNexthop() | DelNexthop():
+            raise AssertionError("nexthops are written by apply_all's requester")
         case PutRoute(route=route, table=table):
             if route.nexthop_id is not None:
                 nexthop.replace_route_nhid(

@@ -38,7 +38,11 @@ RULE_BATCH = 256  # requests sent before reading their answers
 RTM_NEWROUTE, RTM_GETROUTE = 24, 26
 RTA_GATEWAY, RTA_PRIORITY, RTA_MULTIPATH, RTA_TABLE, RTA_NH_ID = 5, 6, 9, 15, 30
 SOL_NETLINK, NETLINK_GET_STRICT_CHK = 270, 12
-RTM_GETNEXTHOP = 106
+RTM_NEWNEXTHOP, RTM_DELNEXTHOP, RTM_GETNEXTHOP = 104, 105, 106
+NHA_GROUP_TYPE, NEXTHOP_GRP_TYPE_MPATH, NEXTHOP_GRP_TYPE_RES = 3, 0, 1
+NLM_F_REPLACE = 0x100
+NLA_F_NESTED = 0x8000
+RTPROT_BOOT = 3  # the protocol of upstream's routes, and of ours
 RTM_GETADDR = 22
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 NHA_ID, NHA_GROUP, NHA_OIF, NHA_GATEWAY, NHA_RES_GROUP = 1, 2, 5, 6, 12
@@ -312,3 +316,74 @@ def _rule_request(seq: int, add: bool, rule: Rule) -> bytes:
 def _attribute(kind: int, value: bytes) -> bytes:
     length = _ATTR.size + len(value)
     return _ATTR.pack(length, kind) + value + bytes((4 - length % 4) % 4)
+
+
+class Requester:
+    """One socket for a batch of requests, each acknowledged before the next goes out (the
+    order matters: members before their group, a group before its route)."""
+
+    def __init__(self) -> None:
+        kind = socket.SOCK_RAW | socket.SOCK_CLOEXEC
+        self._sock = socket.socket(socket.AF_NETLINK, kind, socket.NETLINK_ROUTE)
+        self._sock.bind((0, 0))
+        self._seq = 0
+
+    def __enter__(self) -> Requester:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+
+    def request(self, message_type: int, flags: int, body: bytes, operation: str) -> None:
+        """Send one request; raise the KernelError it earns."""
+        self._seq += 1
+        header = _HEADER.pack(
+            _HEADER.size + len(body), message_type, flags | NLM_F_REQUEST | NLM_F_ACK, self._seq, 0
+        )
+        self._sock.send(header + body)
+        while True:
+            for kind, payload in messages(self._sock.recv(1 << 16)):
+                if kind != NLMSG_ERROR or struct.unpack_from("=I", payload, 12)[0] != self._seq:
+                    continue
+                (code,) = struct.unpack_from("=i", payload)
+                if code:
+                    raise error_for(code, os.strerror(-code), operation=operation)
+                return
+
+    def put_nexthop(self, nexthop: Nexthop, oif: int | None) -> None:
+        """Create or replace a member (`via gateway dev oif`) or a group, in place."""
+        attributes = _attribute(NHA_ID, struct.pack("=I", nexthop.id))
+        family: int = socket.AF_UNSPEC  # groups have no family of their own
+        if nexthop.is_group:
+            group = b"".join(_NEXTHOP_GRP.pack(m, 0, 0, 0) for m in nexthop.members)
+            attributes += _attribute(NHA_GROUP, group)
+            resilience = nexthop.resilience
+            if resilience is None:
+                attributes += _attribute(NHA_GROUP_TYPE, struct.pack("=H", NEXTHOP_GRP_TYPE_MPATH))
+            else:
+                attributes += _attribute(NHA_GROUP_TYPE, struct.pack("=H", NEXTHOP_GRP_TYPE_RES))
+                nested = (
+                    _attribute(NHA_RES_GROUP_BUCKETS, struct.pack("=H", resilience.buckets))
+                    + _attribute(NHA_RES_GROUP_IDLE_TIMER, _clock_t(resilience.idle_timer))
+                    + _attribute(
+                        NHA_RES_GROUP_UNBALANCED_TIMER, _clock_t(resilience.unbalanced_timer)
+                    )
+                )
+                attributes += _attribute(NHA_RES_GROUP | NLA_F_NESTED, nested)
+        else:
+            assert nexthop.gateway is not None and oif is not None
+            family = int(nexthop.family)
+            attributes += _attribute(NHA_GATEWAY, nexthop.gateway.packed)
+            attributes += _attribute(NHA_OIF, struct.pack("=I", oif))
+        body = _NHMSG.pack(family, 0, RTPROT_BOOT, 0, 0) + attributes
+        flags = NLM_F_CREATE | NLM_F_REPLACE
+        self.request(RTM_NEWNEXTHOP, flags, body, f"put nexthop {nexthop.id}")
+
+    def delete_nexthop(self, nexthop_id: int) -> None:
+        body = _NHMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+        body += _attribute(NHA_ID, struct.pack("=I", nexthop_id))
+        self.request(RTM_DELNEXTHOP, 0, body, f"delete nexthop {nexthop_id}")
+
+
+def _clock_t(seconds: float) -> bytes:
+    return struct.pack("=I", round(seconds * USER_HZ))

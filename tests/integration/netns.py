@@ -31,6 +31,9 @@ def sysctl(netns: str, name: str, value: str) -> None:
     )
 
 
+MADE: list[str] = []  # every namespace `namespaces()` made in this process, for leak checks
+
+
 @contextmanager
 def namespaces(*roles: str) -> Iterator[dict[str, str]]:
     """Namespaces `mp-<role>-<random>`, deleted whatever happens (deleting a namespace takes
@@ -42,6 +45,7 @@ def namespaces(*roles: str) -> Iterator[dict[str, str]]:
         for name in names.values():
             ip("netns", "add", name)
             made.append(name)
+            MADE.append(name)
             ip("link", "set", "lo", "up", netns=name)
         yield names
     finally:
