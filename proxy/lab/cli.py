@@ -59,14 +59,19 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _USAGE = f"""\
-usage: {PROG} {{ipam,nsp,nsm,lb,target}} [options]   (each has --help)
+usage: {PROG} {{up,down,status,demo,ipam,nsp,nsm,lb,target}} [options]   (each has --help)
+
+  up     make the lab topology (namespaces, peers, the real proxy, LBs, targets) and wait for it
+  down   take a lab down (by its state file: also after a crash)
+  status a lab's processes, the proxy's health, ports, nexthops and VIP rules (--json)
+  demo   up, traffic over the LBs, one LB stopped and back, every claim checked, down
 
   ipam   the IPAM service (ipam.v1.Ipam): node subnets and addresses, kept in SQLite
   nsp    the NSP configuration service (nsp.v1.ConfigurationManager), from a YAML/JSON file
   nsm    the node's NSM: registry, manager and kernel forwarder on one socket, like nsmgr
   lb     a load-balancer stand-in: an NSE of the conduit's service that routes
   target an application pod stand-in: an NSC of the proxy's service with VIPs"""
-_LATER = "up, down, status, demo"
+_TOPOLOGY_COMMANDS = ("up", "down", "status", "demo")
 KERNEL_MODULE = "proxy.lab.nsm.kernel"
 _TARGET_TABLE = 1000  # proxy.lab.target.DEFAULT_TABLE (not imported here: pyroute2 is heavy)
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -268,8 +273,22 @@ def _nsm_parser() -> _Parser:
         help="how long an NSE registration without expiration time, and a connection not"
         " refreshed, last (default: 1m)",
     )
+    parser.add_argument(
+        "--map-path",
+        type=_path_map,
+        metavar="INSIDE=OUTSIDE",
+        help="dial an endpoint registered at unix://INSIDE/... at unix://OUTSIDE/... (for"
+        " endpoints in containers; NSM itself gets the socket as a file descriptor)",
+    )
     _add_logging(parser)
     return parser
+
+
+def _path_map(text: str) -> tuple[str, str]:
+    inside, equals, outside = text.partition("=")
+    if not equals or not inside.startswith("/") or not outside.startswith("/"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not /inside=/outside")
+    return inside, outside
 
 
 def _service_name(text: str) -> str:
@@ -501,13 +520,16 @@ def _nsm_task(options: argparse.Namespace) -> Callable[..., Awaitable[Any]]:
     if options.lifetime <= 0:
         raise _UsageError("--lifetime must be more than 0")
     make_forwarder: Callable[[], Forwarder] = NoKernel if options.no_kernel else _kernel_forwarder()
-    return partial(_serve_nsm, options.listen.path, make_forwarder, options.lifetime)
+    return partial(
+        _serve_nsm, options.listen.path, make_forwarder, options.lifetime, options.map_path
+    )
 
 
 async def _serve_nsm(
     path: str,
     make_forwarder: Callable[[], Forwarder],
     lifetime: float,
+    path_map: tuple[str, str] | None,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -520,7 +542,13 @@ async def _serve_nsm(
             if run is not None:
                 await nursery.start(run)
             await nursery.start(
-                partial(serve_nsm, path, forwarder=forwarder, default_lifetime=lifetime)
+                partial(
+                    serve_nsm,
+                    path,
+                    forwarder=forwarder,
+                    default_lifetime=lifetime,
+                    path_map=path_map,
+                )
             )
         except OSError as exc:
             failure = exc  # raised bare below, not in an exception group
@@ -598,12 +626,13 @@ def main(argv: list[str]) -> int:
         print(_USAGE, file=sys.stdout if argv else sys.stderr)
         return EXIT_OK if argv else EXIT_USAGE
     command, args = argv[0], argv[1:]
+    if command in _TOPOLOGY_COMMANDS:
+        from proxy.lab.topology_cli import main as topology_main
+
+        return topology_main(command, args)
     if command not in _COMMANDS:
         print(_USAGE, file=sys.stderr)
-        print(
-            f"{PROG}: error: unknown subcommand {command!r} ({_LATER}: not implemented yet)",
-            file=sys.stderr,
-        )
+        print(f"{PROG}: error: unknown subcommand {command!r}", file=sys.stderr)
         return EXIT_USAGE
     make_parser, make_task = _COMMANDS[command]
     prog = f"{PROG} {command}"

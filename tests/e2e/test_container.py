@@ -19,8 +19,8 @@ What stands in for the cluster, and why:
   starts under `setpriv --inh-caps=-all --ambient-caps=-all`, so the proxy holds NET_ADMIN and
   NET_RAW only through the image's file capabilities, as in a pod (checked in /proc/1/status).
 * NSM reaches the proxy's endpoint socket in the pod's /tmp by passing its file descriptor; the
-  lab NSM dials the registered path, so it runs in a mount namespace where /tmp is the
-  directory that is the container's /tmp.
+  lab NSM dials the registered path instead, mapped (`--map-path /tmp=<the directory that is
+  the container's /tmp>`).
 * The lab peers' sockets are made connectable by the proxy's UID, as NSM's socket is for
   upstream's proxy (the same non-root UID, without DAC_OVERRIDE).
 
@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,13 +167,11 @@ class Lab:
     def socket(self, name: str) -> str:
         return f"unix://{self.directory}/{name}.sock"
 
-    def start(
-        self, name: str, args: list[str], netns: str | None = None, wrap: Sequence[str] = ()
-    ) -> None:
+    def start(self, name: str, args: list[str], netns: str | None = None) -> None:
         inside = ["ip", "netns", "exec", netns] if netns else []
         with open(self.directory / f"{name}.log", "ab") as log:
             self.processes[name] = subprocess.Popen(
-                [*wrap, *inside, sys.executable, "-m", "proxy", *args],
+                [*inside, sys.executable, "-m", "proxy", *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={"PATH": os.environ["PATH"]},
@@ -248,12 +246,12 @@ def lab(image: str) -> Iterator[Lab]:
         running.start(
             "nsp", ["lab", "nsp", "--listen", f"unix://{nsp_socket}", "--config", nsp_config]
         )
-        # NSM dials the endpoint path the proxy registers, which is in the container's /tmp.
+        # NSM dials the endpoint path the proxy registers, which is in the container's /tmp
+        # (the pod's emptyDir, here a host directory): the lab maps it (NSM passes an fd).
         running.start(
             "nsm",
-            ["lab", "nsm", "--listen", f"unix://{nsm_socket}"],
-            wrap=["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                  'mount --bind "$0" /tmp && exec "$@"', str(running.pod_tmp)],
+            ["lab", "nsm", "--listen", f"unix://{nsm_socket}",
+             "--map-path", f"/tmp={running.pod_tmp}"],
         )  # fmt: skip
         for path in (ipam_socket, nsp_socket, nsm_socket):
             wait_for_socket(path, running)

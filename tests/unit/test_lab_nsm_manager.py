@@ -392,3 +392,13 @@ def test_wiring_fallbacks_and_failures() -> None:
         wiring_for("m", "/proc/1/ns/net", "cli0", answer(name="nse0"), None, "fallback")
     with pytest.raises(WiringError, match="interface name"):
         wiring_for("m", "/proc/1/ns/net", "cli0", answer(name="x" * 16), 7, "fallback")
+
+
+def test_path_map_translates_container_endpoint_urls_only() -> None:
+    from proxy.lab.nsm.manager import mapped_url
+
+    path_map = ("/tmp", "/var/tmp/pod")
+    assert mapped_url("unix:///tmp/p-1/listen.on", path_map) == "unix:///var/tmp/pod/p-1/listen.on"
+    assert mapped_url("unix:///run/lb.sock", path_map) == "unix:///run/lb.sock"
+    assert mapped_url("unix:///tmpx/a", path_map) == "unix:///tmpx/a"
+    assert mapped_url("unix:///tmp/a", None) == "unix:///tmp/a"

@@ -324,6 +324,17 @@ def monitor_selects(selector: MonitorScopeSelector, connection: Connection) -> b
     )
 
 
+def mapped_url(url: str, path_map: tuple[str, str] | None) -> str:
+    """`unix://<container path>/...` as the host sees it, per the lab's path map."""
+    if path_map is None:
+        return url
+    inside, outside = path_map
+    prefix = f"unix://{inside.rstrip('/')}/"
+    if url.startswith(prefix):
+        return f"unix://{outside.rstrip('/')}/{url[len(prefix):]}"
+    return url
+
+
 def reselect_reason(connection: Connection, current: str, registered: bool) -> str | None:
     """Why a refresh of a connection established with the NSE `current` must select again
     (the old connection is then closed first), or None: it goes to the same NSE."""
@@ -394,6 +405,10 @@ def wiring_for(
 @attrs.frozen
 class ManagerSettings:
     name: str = DEFAULT_NAME
+    # (container path, host path): an endpoint URL under the first is dialled under the second.
+    # Real NSM receives the endpoint's socket as a file descriptor and never needs this; the lab
+    # stands in with a path map for endpoints in containers (their /tmp is elsewhere here).
+    path_map: tuple[str, str] | None = None
     lifetime: float = DEFAULT_LIFETIME  # of the manager's own path segment, from each Request
     request_timeout: float = REQUEST_TIMEOUT
     close_timeout: float = CLOSE_TIMEOUT
@@ -646,7 +661,8 @@ class Manager:
         where = f"endpoint {nse.name!r} ({nse.url or 'no URL'})"
         try:
             async with open_channel(
-                nse.url, connect_timeout=self.settings.close_timeout
+                mapped_url(nse.url, self.settings.path_map),
+                connect_timeout=self.settings.close_timeout,
             ) as channel:
                 reply = await getattr(NetworkServiceStub(channel), method)(message)
                 return reply, channel.connection.peer

@@ -47,6 +47,7 @@ async def serve_nsm(
     close_timeout: float = CLOSE_TIMEOUT,
     watch_buffer: int = WATCH_BUFFER,
     clock: WallClock | None = None,
+    path_map: tuple[str, str] | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve on the UNIX socket `path` until cancelled (the socket file is removed after);
@@ -57,6 +58,8 @@ async def serve_nsm(
     deadline towards an NSE when the caller set none; `close_timeout`: that of a Close towards
     an NSE. `watch_buffer`: the changes (and monitor events) a watcher may fall behind before it
     is dropped. `clock`: wall-clock time (default: now, advancing with trio's clock).
+    `path_map`: (container path, host path) for endpoint URLs in containers (see
+    `ManagerSettings.path_map`).
     """
     clock = clock or WallClock()
     registry = Registry(clock, default_lifetime=default_lifetime, watch_buffer=watch_buffer)
@@ -66,6 +69,7 @@ async def serve_nsm(
         request_timeout=request_timeout,
         close_timeout=close_timeout,
         monitor_buffer=watch_buffer,
+        path_map=path_map,
     )
     manager = Manager(registry, forwarder, clock, settings)
     servicers = [
