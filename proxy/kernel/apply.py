@@ -73,6 +73,9 @@ def _apply_one(
         if isinstance(op, PutNexthop):
             oif = None if op.nexthop.is_group else _index(ipr, op.nexthop.device or "")
             requester.put_nexthop(op.nexthop, oif)
+            if oif is not None and op.nexthop.gateway is not None:
+                # A new member is a load-balancer that (re)appeared: maybe with a new MAC.
+                requester.forget_neighbour(op.nexthop.gateway, oif)
         elif isinstance(op, DelNexthop):
             requester.delete_nexthop(op.id)
         else:

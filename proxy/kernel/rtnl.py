@@ -10,15 +10,17 @@ namespace.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
 import struct
 from collections.abc import Iterator
 
-from proxy.kernel.errors import KernelError, error_for
+from proxy.kernel.errors import KernelError, NotFound, error_for
 from proxy.kernel.model import (
     Family,
+    IPAddress,
     IPInterface,
     Link,
     Nexthop,
@@ -44,6 +46,8 @@ NLM_F_REPLACE = 0x100
 NLA_F_NESTED = 0x8000
 RTPROT_BOOT = 3  # the protocol of upstream's routes, and of ours
 RTM_GETADDR = 22
+RTM_DELNEIGH = 29
+NDA_DST = 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 NHA_ID, NHA_GROUP, NHA_OIF, NHA_GATEWAY, NHA_RES_GROUP = 1, 2, 5, 6, 12
 NHA_RES_GROUP_BUCKETS, NHA_RES_GROUP_IDLE_TIMER, NHA_RES_GROUP_UNBALANCED_TIMER = 1, 2, 3
@@ -68,6 +72,7 @@ _RTMSG = struct.Struct("=BBBBBBBBI")
 _RTNEXTHOP = struct.Struct("=HBBi")  # length, flags, hops, ifindex
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 _NHMSG = struct.Struct("=BBBBI")  # family, scope, protocol, reserved, flags
+_NDMSG = struct.Struct("=BxxxiHBB")  # ndmsg: family, ifindex, state, flags, type
 _NEXTHOP_GRP = struct.Struct("=IBBH")  # id, weight - 1, weight high byte, reserved
 
 
@@ -378,6 +383,15 @@ class Requester:
         body = _NHMSG.pack(family, 0, RTPROT_BOOT, 0, 0) + attributes
         flags = NLM_F_CREATE | NLM_F_REPLACE
         self.request(RTM_NEWNEXTHOP, flags, body, f"put nexthop {nexthop.id}")
+
+    def forget_neighbour(self, address: IPAddress, ifindex: int) -> None:
+        """Delete the neighbour entry of `address` on `ifindex` (none: fine). A load-balancer
+        that comes back keeps its addresses but has a new interface, with a new MAC: the old
+        entry would black-hole its flows until it aged out (up to ~45 s for IPv6)."""
+        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        body = _NDMSG.pack(family, ifindex, 0, 0, 0) + _attribute(NDA_DST, address.packed)
+        with contextlib.suppress(NotFound):  # no entry: nothing to forget
+            self.request(RTM_DELNEIGH, 0, body, f"forget neighbour {address}")
 
     def delete_nexthop(self, nexthop_id: int) -> None:
         body = _NHMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)

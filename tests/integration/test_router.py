@@ -475,3 +475,18 @@ async def test_ports_nobody_mentioned_stay_ports_released_ones_go() -> None:
             await env.events.send(SetTargetPort("tg0", wanted=False))
             await env.settle(lambda o: o.links["tg0"].master is None)
             assert "master" not in ip_json("link", "show", "tg0", netns=env.proxy)[0]
+
+
+async def test_a_load_balancer_that_comes_back_is_not_sent_to_its_old_mac() -> None:
+    """Same addresses, new interface, new MAC: the old neighbour entry must go at once."""
+    async with lab(1) as env:
+        await env.settle(lambda o: BRIDGE_V4 in o.bridge_addresses)
+        v4, v6 = lb_addresses(0)
+        for address in (v4, v6):
+            ip("neigh", "replace", address, "lladdr", "02:00:00:00:99:99", "dev", "bridge0",
+               "nud", "reachable", netns=env.proxy)  # fmt: skip
+        await env.add_lb(0)
+        await env.settle(lambda o: members(o, 4) and members(o, 6))
+        for address in (v4, v6):
+            entries = ip_json("neigh", "show", address, "dev", "bridge0", netns=env.proxy)
+            assert all(e.get("lladdr") != "02:00:00:00:99:99" for e in entries), entries

@@ -331,7 +331,7 @@ def mapped_url(url: str, path_map: tuple[str, str] | None) -> str:
     inside, outside = path_map
     prefix = f"unix://{inside.rstrip('/')}/"
     if url.startswith(prefix):
-        return f"unix://{outside.rstrip('/')}/{url[len(prefix):]}"
+        return f"unix://{outside.rstrip('/')}/{url[len(prefix) :]}"
     return url
 
 
