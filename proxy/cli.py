@@ -30,7 +30,8 @@ _COMMANDS = """\
 subcommands:
   probe   check the health of a running proxy (for Kubernetes exec probes); see `probe --help`
   debug   print the network state of the proxy's namespace as JSON; see `debug --help`
-  lab     local stand-ins of the proxy's peers, without Kubernetes: `lab ipam|nsp|nsm|lb|target`
+  lab     the lab without Kubernetes: its peers (`lab ipam|nsp|nsm|lb|target`) or the
+          whole topology (`lab up|down|status|demo`); see `lab --help`
 
 options:
   -h, --help     print this help and exit
