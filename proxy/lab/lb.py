@@ -3,10 +3,11 @@
 Meridio's real LB (stateless-lb-frontend) spreads VIP traffic over the targets; this stand-in
 only has to be what the proxy sees of an LB, plus plain routing:
 
-* **Registry.** It registers the network service `<conduit>.<trench>.<namespace>` once
-  (payload ETHERNET) and itself as an endpoint of it (url = its own socket, labels
-  `LB_LABELS`), re-registers at 2/3 of the lifetime the registry granted, and unregisters
-  (expiration `{seconds: -1}`) when it stops. A registry that is down is retried with backoff.
+* **Registry.** It registers the network service `<conduit>.<trench>.<namespace>` (payload
+  ETHERNET) and itself as an endpoint of it (url = its own socket, labels `LB_LABELS`),
+  re-registers at 2/3 of the lifetime the registry granted, registers both again as soon as a
+  lost registry connection is back (a restarted lab NSM forgets), and unregisters (expiration
+  `{seconds: -1}`) when it stops. A registry that is down is retried with backoff.
 * **Endpoint.** `networkservice.NetworkService` Request/Close on its socket. A Request must be for
   its service and must offer (or carry) the KERNEL mechanism. The IP context is the proxy's
   (it allocates both ends) and is kept as it came, MTU included. The LB appends its own path
@@ -69,6 +70,7 @@ from proxy.rpc import (
     Address,
     Backoff,
     CallContext,
+    Channel,
     InvalidArgumentError,
     ReconnectingChannel,
     RpcFailedError,
@@ -238,21 +240,22 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
         return registration
 
     async def keep_registered(self, registry: ReconnectingChannel) -> None:
-        """Register the service once and the endpoint for good: refreshed at 2/3 of each grant,
-        retried with backoff while the registry fails."""
+        """Register the service and the endpoint, and keep them: the endpoint refreshed at 2/3 of
+        each grant, both again as soon as a lost registry connection is back (a restarted lab NSM
+        has forgotten them), retried with backoff while the registry fails."""
         settings = self.settings
         backoff = Backoff(maximum=settings.max_backoff)
-        service_done = False
+        service_registered_on: Channel | None = None
         failing = False
         while True:
             try:
                 with trio.fail_after(CALL_TIMEOUT):
                     channel = await registry.get()
-                    if not service_done:
+                    if channel is not service_registered_on:
                         await NetworkServiceRegistryStub(channel).Register(
                             NetworkService(name=settings.service, payload=ETHERNET)
                         )
-                        service_done = True
+                        service_registered_on = channel
                     asked = time.time() + settings.registration_lifetime
                     self._register_sent = True
                     granted = await NetworkServiceEndpointRegistryStub(channel).Register(
@@ -276,7 +279,8 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
             if self.registrations.value == 0:
                 logger.info("registered", nse=settings.name, service=settings.service)
             self.registrations.set(self.registrations.value + 1)
-            await trio.sleep(max(0.05, (expires - time.time()) * 2 / 3))
+            with trio.move_on_after(max(0.05, (expires - time.time()) * 2 / 3)):
+                await channel.wait_unusable()
 
     async def unregister(self) -> None:
         """Tell the registry the endpoint is gone (expiration {seconds: -1}); errors logged."""

@@ -4,6 +4,9 @@
   routes each target to the proxy of its own node (behaviour reference §5.1);
 * NSE `<NSM_NAME>` offering it with the label `nodeName=<NSM_HOST>`, at the endpoint socket's
   URL, lifetime 1 minute, re-registered at 2/3 of what is left (§5.2-5.3);
+* when the connection to NSM is lost, both are registered again as soon as it is back, not at
+  the next refresh: a restarted registry that kept them in memory has forgotten them, and for up
+  to 40 s no target could find this proxy;
 * on stop, the NSE is unregistered (expiration `{seconds: -1}`) within 3 s of the budget.
 
 Every attempt has a deadline and failures are retried with backoff, and all of it ends at once
@@ -28,7 +31,7 @@ from proxy.api.registry.registry_pb2 import (
     NetworkServiceLabels,
 )
 from proxy.nsm.wire import seconds, timestamp
-from proxy.rpc import Backoff, ReconnectingChannel, RpcFailedError
+from proxy.rpc import Backoff, Channel, ReconnectingChannel, RpcFailedError
 from proxy.rpc.status import describe_status
 from proxy.shutdown import Shutdown
 
@@ -92,19 +95,21 @@ class Registration:
         self._shutdown = shutdown
         self._wall = wall_clock
         self.registrations = 0
+        self._service_registered_on: Channel | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Register, keep registered; `started` once the endpoint is registered."""
-        await self._until_done("register network service", self._register_service)
         try:
-            expiration = await self._until_done("register endpoint", self._register_endpoint)
+            channel, expiration = await self._until_done("register", self._register)
             logger.info(
                 "endpoint registered", name=self._name, service=self._service, url=self._url
             )
             task_status.started()
             while True:
-                await trio.sleep(refresh_after(expiration, self._wall()))
-                expiration = await self._until_done("refresh endpoint", self._register_endpoint)
+                with trio.move_on_after(refresh_after(expiration, self._wall())):
+                    await channel.wait_unusable()
+                    logger.info("NSM connection lost; registering again once it is back")
+                channel, expiration = await self._until_done("refresh", self._register)
         finally:
             with self._shutdown.cleanup(UNREGISTER_LIMIT) as scope:
                 await self._unregister()
@@ -112,8 +117,8 @@ class Registration:
                 logger.warning("endpoint not unregistered in time", name=self._name)
 
     async def _until_done(
-        self, what: str, attempt: Callable[[], Awaitable[Timestamp]]
-    ) -> Timestamp:
+        self, what: str, attempt: Callable[[], Awaitable[tuple[Channel, Timestamp]]]
+    ) -> tuple[Channel, Timestamp]:
         failures = 0
         while True:
             try:
@@ -128,17 +133,21 @@ class Registration:
                 failures += 1
             await trio.sleep(self._backoff.next_delay())
 
-    async def _register_service(self) -> Timestamp:
-        stub = registry_grpc.NetworkServiceRegistryStub(await self._nsm.get())
-        await stub.Register(network_service(self._service))
-        return Timestamp()
-
-    async def _register_endpoint(self) -> Timestamp:
-        stub = registry_grpc.NetworkServiceEndpointRegistryStub(await self._nsm.get())
+    async def _register(self) -> tuple[Channel, Timestamp]:
+        """The service (again on each new channel: NSM may have restarted), then the endpoint."""
+        channel = await self._nsm.get()
+        if channel is not self._service_registered_on:
+            await registry_grpc.NetworkServiceRegistryStub(channel).Register(
+                network_service(self._service)
+            )
+            self._service_registered_on = channel
+        stub = registry_grpc.NetworkServiceEndpointRegistryStub(channel)
         nse = endpoint(self._name, self._service, self._host, self._url, self._wall() + LIFETIME)
         answer: NetworkServiceEndpoint = await stub.Register(nse)
         self.registrations += 1
-        return answer.expiration_time if answer.HasField("expiration_time") else nse.expiration_time
+        if answer.HasField("expiration_time"):
+            return channel, answer.expiration_time
+        return channel, nse.expiration_time
 
     async def _unregister(self) -> None:
         nse = endpoint(self._name, self._service, self._host, self._url, 0)

@@ -458,7 +458,7 @@ class Connection:
             return
         try:
             self._protocol.acknowledge_received_data(stream_id, length)
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:  # stream or connection closed (see reset_stream)
             return
         self.kick()
 
@@ -468,7 +468,9 @@ class Connection:
             return
         try:
             self._protocol.reset_stream(stream_id, error_code)
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:
+            # The stream is closed already, or so is the connection: we are sending GOAWAY
+            # (closing) and `lost` is not set yet. Either way there is nothing left to reset.
             return
         self.kick()
 

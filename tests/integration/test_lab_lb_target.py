@@ -282,6 +282,28 @@ async def test_lb_registers_answers_and_unregisters(sockdir: str) -> None:
     assert not await trio.Path(listen).exists()
 
 
+async def test_lb_registers_again_as_soon_as_a_restarted_registry_is_back(sockdir: str) -> None:
+    nsm, listen = f"{sockdir}/nsm.sock", f"{sockdir}/lb.sock"
+    first, second = FakeRegistry(grant=60.0), FakeRegistry(grant=60.0)  # refresh after 40 s
+    with namespaces("lbr") as ns:
+        settings = LbSettings(
+            name="lb-a",
+            service=SERVICE,
+            nsm=UnixAddress(nsm),
+            listen=UnixAddress(listen),
+            netns=ns["lbr"],
+            max_backoff=0.2,
+        )
+        async with trio.open_nursery() as nursery:
+            async with serving([_NsRegistry(first), _NseRegistry(first)], nsm):
+                await nursery.start(run_lb, settings)
+                await wait_for(first, lambda: len(first.registers) == 1)
+            async with serving([_NsRegistry(second), _NseRegistry(second)], nsm):
+                await wait_for(second, lambda: len(second.registers) == 1, limit=5)
+                assert [s.name for s in second.services] == [SERVICE]
+                nursery.cancel_scope.cancel()
+
+
 async def test_lb_forwards_and_keeps_its_routes() -> None:
     with namespaces("lb", "lbout", "lbin") as ns:
         lb_ns, outside, inside = ns["lb"], ns["lbout"], ns["lbin"]

@@ -13,8 +13,10 @@ import trio
 from proxy import rpc
 from proxy.api.registry import registry_grpc
 from proxy.api.registry.registry_pb2 import (
+    NetworkService,
     NetworkServiceEndpoint,
     NetworkServiceEndpointQuery,
+    NetworkServiceQuery,
 )
 from proxy.lab.nsm.forwarding import NoKernel
 from proxy.lab.nsm.server import serve_nsm
@@ -132,3 +134,53 @@ async def test_discovery_reports_load_balancers_appearing_and_going(
             assert await receive.receive() == LbGone("lb-b", "deleted")
             assert set(discovery.known) == {"lb-a"}
             nursery.cancel_scope.cancel()
+
+
+async def test_registration_registers_again_as_soon_as_a_restarted_nsm_is_back() -> None:
+    """The lab registry keeps registrations in memory, as a restarted one forgets them: the proxy
+    must not wait for its refresh (40 s) to be findable again."""
+    directory = tempfile.mkdtemp(dir="/tmp", prefix="mp-nsmr-")
+    path = f"{directory}/nsm.sock"
+    channel = rpc.ReconnectingChannel(
+        f"unix://{path}", name="nsm", backoff=rpc.Backoff(maximum=0.2)
+    )
+    registration = Registration(
+        channel,
+        name="proxy-a",
+        service="proxy.conduit-a.trench-a.red",
+        host="node-a",
+        url="unix:///tmp/proxy-a/listen.on",
+        call_timeout=5.0,
+        backoff=rpc.Backoff(maximum=0.2),
+        shutdown=Shutdown(5.0),
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as first_nsm:
+                await first_nsm.start(lambda task_status: serve_nsm(
+                    path, forwarder=NoKernel(), task_status=task_status
+                ))  # fmt: skip
+                await nursery.start(channel.run)
+                await nursery.start(registration.run)
+                assert registration.registrations == 1
+                first_nsm.cancel_scope.cancel()  # and wait until it has removed its socket
+            await nursery.start(lambda task_status: serve_nsm(
+                path, forwarder=NoKernel(), task_status=task_status
+            ))  # fmt: skip
+            for _ in range(100):  # 5 s; the refresh would come after 40 s
+                if await find(channel, "proxy-a"):
+                    break
+                await trio.sleep(0.05)
+            else:
+                pytest.fail("the proxy did not register again with the restarted NSM")
+            services = registry_grpc.NetworkServiceRegistryStub(await channel.get())
+            query = NetworkServiceQuery(
+                network_service=NetworkService(name="proxy.conduit-a.trench-a.red")
+            )
+            async with rpc.server_stream(services.Find, query) as answers:
+                assert [a.network_service.name async for a in answers] == [
+                    "proxy.conduit-a.trench-a.red"
+                ]
+            nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
