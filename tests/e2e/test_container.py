@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,6 @@ import proxy
 from proxy import config
 from tests.integration.netns import ip, ip_json
 from tests.integration.test_proxy_lab import (
-    CONDUIT,
     LB_SERVICE,
     NAMESPACE,
     NODE,
@@ -63,7 +62,12 @@ from tests.integration.test_proxy_lab import (
     TRENCH,
     VIPS,
     group_members,
+    node_address,
+    nsp_config,
+    ping_twice,
+    vip_rule_sources,
 )
+from tests.integration.waiting import wait_until
 from tests.unit import test_manifests as manifests
 
 pytestmark = [pytest.mark.root, pytest.mark.container, pytest.mark.timeout(600)]
@@ -194,15 +198,8 @@ class Lab:
     def proxy_log(self) -> str:
         return podman("logs", self.container, check=False).stdout[-6000:]
 
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, lab: Lab) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout}s\n--- proxy ---\n{lab.proxy_log()}")
+    def diagnostics(self) -> str:  # for `wait_until`
+        return f"--- proxy ---\n{self.proxy_log()}"
 
 
 def wait_for_socket(path: Path, lab: Lab) -> None:
@@ -223,18 +220,7 @@ def lab(image: str) -> Iterator[Lab]:
         for name in names.values():
             ip("netns", "add", name)
             ip("link", "set", "lo", "up", netns=name)
-        (directory / "nsp.json").write_text(
-            json.dumps(
-                {
-                    "trench": {"name": TRENCH},
-                    "conduits": [{"name": CONDUIT, "trench": TRENCH}],
-                    "vips": [
-                        {"name": f"vip{i}", "address": vip, "trench": TRENCH}
-                        for i, vip in enumerate(VIPS)
-                    ],
-                }
-            )
-        )
+        (directory / "nsp.json").write_text(json.dumps(nsp_config()))
         ipam_socket, nsp_socket = running.peers_dir / "ipam.sock", running.peers_dir / "nsp.sock"
         nsm_socket = running.nsm_dir / "nsm.io.sock"
         running.start(
@@ -242,9 +228,9 @@ def lab(image: str) -> Iterator[Lab]:
             ["lab", "ipam", "--listen", f"unix://{ipam_socket}", "--db", str(directory / "ipam.db"),
              "--prefix", "198.18.0.0/16", "--prefix", "2001:db8:100::/48", "--trench", TRENCH],
         )  # fmt: skip
-        nsp_config = str(directory / "nsp.json")
+        nsp_file = str(directory / "nsp.json")
         running.start(
-            "nsp", ["lab", "nsp", "--listen", f"unix://{nsp_socket}", "--config", nsp_config]
+            "nsp", ["lab", "nsp", "--listen", f"unix://{nsp_socket}", "--config", nsp_file]
         )
         # NSM dials the endpoint path the proxy registers, which is in the container's /tmp
         # (the pod's emptyDir, here a host directory): the lab maps it (NSM passes an fd).
@@ -409,21 +395,9 @@ def test_the_proxy_container_serves_the_lab_and_stops_on_sigterm(lab: Lab) -> No
          *[a for v in VIPS for a in ("--vip", v)], "--netns", lab.namespaces["tg0"]],
     )  # fmt: skip
     wait_until(lambda: len(bridge_ports(proxy_ns)) == 3, 30, "the target's port on the bridge", lab)
-    rules = ip_json("rule", "show", "table", "4096", netns=proxy_ns) + ip_json(
-        "-6", "rule", "show", "table", "4096", netns=proxy_ns
-    )
-    assert sorted(r["src"] for r in rules) == sorted(v.split("/")[0] for v in VIPS)
-    lb_address = next(
-        a["local"]
-        for link in ip_json("addr", "show", netns=lab.namespaces["lb0"])
-        for a in link.get("addr_info", [])
-        if a["local"].startswith("198.18.")
-    )
-    ping = subprocess.run(
-        ["ip", "netns", "exec", lab.namespaces["tg0"], "ping", "-c", "2", "-W", "2", lb_address],
-        capture_output=True,
-        text=True,
-    )
+    assert vip_rule_sources(proxy_ns) == sorted(v.split("/")[0] for v in VIPS)
+    lb_address = node_address(lab.namespaces["lb0"])
+    ping = ping_twice(lab.namespaces["tg0"], lb_address)
     assert ping.returncode == 0, ping.stdout + ping.stderr
     assert kubelet_probe(lab, "readinessProbe") == 0
 

@@ -31,6 +31,7 @@ from proxy.kernel.router import RouterEvent, SetBridgeAddresses
 from proxy.lab.ipam import IpamSettings, serve_ipam
 from proxy.lab.ipam_store import IpamStore
 from proxy.rpc import Backoff, ReconnectingChannel, UnixAddress
+from tests.integration.waiting import eventually
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -79,12 +80,6 @@ async def client_of(path: str, release_delay: float = 0.0) -> AsyncIterator[Ipam
         await nursery.start(client.run)
         yield client
         nursery.cancel_scope.cancel()
-
-
-async def eventually(condition: Callable[[], bool], within: float = 10.0) -> None:
-    with trio.fail_after(within):
-        while not condition():  # noqa: ASYNC110  (state of the system under test: no event)
-            await trio.sleep(0.02)
 
 
 def children(db: str) -> set[str]:
@@ -152,7 +147,7 @@ async def test_released_records_are_gone_after_the_delay(sockdir: str) -> None:
             held = await client.allocate_pair("conn-c")  # a's addresses are still taken
             assert not set(held.src + held.dst) & set(a.src + a.dst)
             start = trio.current_time()
-            await eventually(lambda: not client.pending_releases)
+            await eventually(lambda: not client.pending_releases, within=10.0, interval=0.02)
             assert trio.current_time() - start >= delay - 0.1
             # The lowest addresses are free again: a's records are gone from the IPAM.
             assert await client.allocate_pair("conn-d") == a
@@ -212,9 +207,10 @@ async def test_ipam_outage_degrades_health_and_everything_resumes_after_it(sockd
         server = trio.CancelScope()
         nursery.start_soon(serve)  # back, with the same database
         await serving(SERVING)
-        await eventually(lambda: not client.pending_releases)
+        await eventually(lambda: not client.pending_releases, within=10.0, interval=0.02)
         seen = len(renewals)
-        await eventually(lambda: len(renewals) >= seen + 4)  # two renewals (IPv4 and IPv6 each)
+        # two renewals (IPv4 and IPv6 each)
+        await eventually(lambda: len(renewals) >= seen + 4, within=10.0, interval=0.02)
         assert bridge.addresses.value == BRIDGE
         with pytest.raises(trio.WouldBlock):
             receive.receive_nowait()  # nothing changed: nothing more for the router

@@ -47,6 +47,7 @@ from proxy.lab.lb import (
 from proxy.lab.target import MIN_REFRESH, Target, TargetSettings, refresh_delay, run_target
 from proxy.rpc import CallContext, InvalidArgumentError, Server, UnixAddress, open_channel
 from tests.integration.netns import ip, ip_json, namespaces, veth
+from tests.integration.waiting import eventually
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(60)]
 
@@ -577,9 +578,10 @@ async def test_target_command_stops_cleanly_on_sigterm(sockdir: str) -> None:
                 argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
             try:
-                with trio.fail_after(20):
-                    while rules(ns["tgc"], 1000) != {(VIP4, 1000)}:  # noqa: ASYNC110
-                        await trio.sleep(0.1)  # another process's kernel work: nothing to await
+                # another process's kernel work: nothing to await
+                await eventually(
+                    lambda: rules(ns["tgc"], 1000) == {(VIP4, 1000)}, within=20, interval=0.1
+                )
                 process.send_signal(signal.SIGTERM)
                 with trio.fail_after(10):
                     assert await process.wait() == 0

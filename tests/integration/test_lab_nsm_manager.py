@@ -48,7 +48,9 @@ from proxy.lab.nsm.forwarding import NoKernel, Wiring
 from proxy.lab.nsm.registry import from_timestamp
 from proxy.lab.nsm.server import serve_nsm
 from proxy.rpc import CallContext, Server, open_channel
+from tests.integration.grpcio_stream import pumped
 from tests.integration.lab_process import lab_process
+from tests.integration.waiting import eventually
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -229,13 +231,6 @@ def manager_id(answer: Connection) -> str:
     return answer.path.path_segments[1].id
 
 
-async def eventually(condition: Any, within: float = 5.0) -> None:
-    """Poll: what the conditions read (a fake NSE's records) has no event to wait on."""
-    with trio.fail_after(within):
-        while not condition():  # noqa: ASYNC110
-            await trio.sleep(0.01)
-
-
 async def rpc_error(call: Any) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as failure:
         await call
@@ -252,29 +247,8 @@ async def monitor(
         response_deserializer=ConnectionEvent.FromString,
     )
     stream = call(selector)  # no grpcio deadline: tests may jump the mock clock
-    send, receive = trio.open_memory_channel[Any](100)
-
-    async def pump() -> None:
-        async with send:
-            while True:
-                try:
-                    event = await trio.to_thread.run_sync(
-                        next, stream, None, abandon_on_cancel=True
-                    )
-                except grpc.RpcError as exc:
-                    await send.send(exc)
-                    return
-                if event is None:
-                    return
-                await send.send(event)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump)
-        try:
-            yield receive
-        finally:
-            stream.cancel()
-            nursery.cancel_scope.cancel()
+    async with pumped(stream) as events:
+        yield events
 
 
 async def next_event(events: trio.MemoryReceiveChannel[Any]) -> ConnectionEvent:
@@ -498,7 +472,7 @@ async def test_a_close_waits_for_the_request_in_flight(workdir: str) -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(refresh)
-            await eventually(lambda: len(nse.requests) == 2)
+            await eventually(lambda: len(nse.requests) == 2, within=5.0, interval=0.01)
             nursery.start_soon(close)
             await trio.sleep(0.3)
             assert order == [] and nse.closes == []  # the Close waits its turn
@@ -526,7 +500,7 @@ async def test_a_connection_not_refreshed_expires_on_both_sides(
             mock_clock.jump(25)
             event = await next_event(events)
             assert event.type == DELETE and list(event.connections) == [manager_id(answer)]
-        await eventually(lambda: len(nse.closes) == 1)
+        await eventually(lambda: len(nse.closes) == 1, within=5.0, interval=0.01)
         assert nse.closes[0].id == manager_id(answer)
         assert lab.wired == {}
 

@@ -34,6 +34,7 @@ from proxy.api.registry.registry_pb2 import (
 from proxy.lab.nsm.forwarding import NoKernel
 from proxy.lab.nsm.registry import to_timestamp
 from proxy.lab.nsm.server import serve_nsm
+from tests.integration.grpcio_stream import pumped
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -108,29 +109,8 @@ async def watch(
         response_deserializer=response_type.FromString,
     )
     stream = call(query)
-    send, receive = trio.open_memory_channel[Any](1000)
-
-    async def pump() -> None:
-        async with send:
-            while True:
-                try:
-                    message = await trio.to_thread.run_sync(
-                        next, stream, None, abandon_on_cancel=True
-                    )
-                except grpc.RpcError as exc:
-                    await send.send(exc)
-                    return
-                if message is None:
-                    return
-                await send.send(message)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump)
-        try:
-            yield receive
-        finally:
-            stream.cancel()
-            nursery.cancel_scope.cancel()
+    async with pumped(stream, buffer=1000) as messages:
+        yield messages
 
 
 async def next_message(messages: trio.MemoryReceiveChannel[Any], within: float = 5.0) -> Any:

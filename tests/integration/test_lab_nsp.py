@@ -35,6 +35,7 @@ from proxy.api.nsp.v1.model_pb2 import Attractor, Conduit, Flow, Gateway, Stream
 from proxy.lab.nsp import serve_nsp
 from proxy.lab.nsp_config import ConfigFileError
 from proxy.rpc import UnixAddress
+from tests.integration.grpcio_stream import pumped
 from tests.integration.lab_process import lab_process
 
 pytestmark = pytest.mark.timeout(30)
@@ -160,28 +161,8 @@ async def watch(
         response_deserializer=RESPONSES[method].FromString,
     )
     stream = call(request, timeout=25)
-    send, receive = trio.open_memory_channel[Any](100)
-
-    async def pump() -> None:
-        async with send:
-            while True:
-                try:
-                    message = await trio.to_thread.run_sync(
-                        next, stream, None, abandon_on_cancel=True
-                    )
-                except grpc.RpcError:
-                    return
-                if message is None:
-                    return
-                await send.send(message)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump)
-        try:
-            yield receive
-        finally:
-            stream.cancel()  # ends the thread still blocked in next()
-            nursery.cancel_scope.cancel()
+    async with pumped(stream, send_error=False) as messages:  # an error just ends the stream
+        yield messages
 
 
 async def next_message(messages: trio.MemoryReceiveChannel[Any], within: float = 2.0) -> Any:

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ import attrs
 import pytest
 
 from tests.integration.netns import ip_json
+from tests.integration.waiting import wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
@@ -73,17 +74,19 @@ class Lab:
     def log(self, name: str) -> str:
         return (self.directory / f"{name}.log").read_text(errors="replace")
 
+    def diagnostics(self) -> str:  # for `wait_until`
+        return f"--- proxy log ---\n{self.log('proxy')[-4000:]}"
 
-def wait_until(condition: Callable[[], Any], timeout: float, what: str, lab: Lab) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(
-        f"{what}: not within {timeout}s\n--- proxy log ---\n{lab.log('proxy')[-4000:]}"
-    )
+
+def nsp_config() -> dict[str, Any]:
+    """The lab NSP's configuration: the trench, its conduit and the VIPs."""
+    return {
+        "trench": {"name": TRENCH},
+        "conduits": [{"name": CONDUIT, "trench": TRENCH}],
+        "vips": [
+            {"name": f"vip{i}", "address": vip, "trench": TRENCH} for i, vip in enumerate(VIPS)
+        ],
+    }
 
 
 def probe(lab: Lab, service: str) -> int:
@@ -141,18 +144,7 @@ def lab() -> Iterator[Lab]:
         for name in names.values():
             subprocess.run(["ip", "netns", "add", name], check=True)
             subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        (directory / "nsp.json").write_text(
-            json.dumps(
-                {
-                    "trench": {"name": TRENCH},
-                    "conduits": [{"name": CONDUIT, "trench": TRENCH}],
-                    "vips": [
-                        {"name": f"vip{i}", "address": vip, "trench": TRENCH}
-                        for i, vip in enumerate(VIPS)
-                    ],
-                }
-            )
-        )
+        (directory / "nsp.json").write_text(json.dumps(nsp_config()))
         running.start(
             "ipam",
             ["lab", "ipam", "--listen", running.socket("ipam"), "--db", str(directory / "ipam.db"),
@@ -223,6 +215,34 @@ def addresses_of_target(lab: Lab) -> list[str]:
     return sorted(a["local"] for a in addresses if a.get("scope") == "global")
 
 
+def vip_rule_sources(netns: str) -> list[str]:
+    """The sources of the policy rules to the VIP table (4096), IPv4 and IPv6, sorted."""
+    rules = ip_json("rule", "show", "table", "4096", netns=netns) + ip_json(
+        "-6", "rule", "show", "table", "4096", netns=netns
+    )
+    return sorted(r["src"] for r in rules)
+
+
+def node_address(netns: str) -> str:
+    """The first address in the node subnet (198.18.0.0/16) on any link of the namespace."""
+    address: str = next(
+        a["local"]
+        for link in ip_json("addr", "show", netns=netns)
+        for a in link.get("addr_info", [])
+        if a["local"].startswith("198.18.")
+    )
+    return address
+
+
+def ping_twice(netns: str, address: str) -> subprocess.CompletedProcess[str]:
+    """`ping -c 2 -W 2 <address>` from the namespace; its output captured."""
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, "ping", "-c", "2", "-W", "2", address],
+        capture_output=True,
+        text=True,
+    )
+
+
 def start_target(lab: Lab) -> None:
     lab.start(
         "tg0",
@@ -252,26 +272,14 @@ def test_the_proxy_serves_a_target_over_two_load_balancers(lab: Lab) -> None:
         link for link in ip_json("link", "show", netns=proxy_ns) if link.get("master") == "bridge0"
     ]
     assert len(ports) == 3, [p["ifname"] for p in ports]  # two LBs and the target
-    rules = ip_json("rule", "show", "table", "4096", netns=proxy_ns) + ip_json(
-        "-6", "rule", "show", "table", "4096", netns=proxy_ns
-    )
-    assert sorted(r["src"] for r in rules) == sorted(v.split("/")[0] for v in VIPS)
+    assert vip_rule_sources(proxy_ns) == sorted(v.split("/")[0] for v in VIPS)
 
     # The target got addresses in the node subnet and its VIPs, and reaches an LB across the bridge.
     target_addresses = ip_json("addr", "show", "eth0", netns=lab.namespaces["tg0"])[0]["addr_info"]
     local = [a["local"] for a in target_addresses if a.get("scope") == "global"]
     assert any(a.startswith("198.18.") for a in local) and "198.19.0.1" in local
-    lb_address = next(
-        a["local"]
-        for link in ip_json("addr", "show", netns=lab.namespaces["lb0"])
-        for a in link.get("addr_info", [])
-        if a["local"].startswith("198.18.")
-    )
-    ping = subprocess.run(
-        ["ip", "netns", "exec", lab.namespaces["tg0"], "ping", "-c", "2", "-W", "2", lb_address],
-        capture_output=True,
-        text=True,
-    )
+    lb_address = node_address(lab.namespaces["lb0"])
+    ping = ping_twice(lab.namespaces["tg0"], lb_address)
     assert ping.returncode == 0, ping.stdout + ping.stderr
 
     # An LB that goes takes its nexthop with it; its addresses go back to IPAM after the delay.
