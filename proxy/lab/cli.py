@@ -122,6 +122,16 @@ def _length(text: str) -> int:
     return int(text)
 
 
+def _add_listen(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--listen", required=True, type=_listen_address, metavar="ADDRESS", help=what
+    )
+
+
+def _add_nsm(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--nsm", required=True, type=_dial_address, metavar="ADDRESS", help=what)
+
+
 def _add_logging(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", choices=log.LEVELS, help="default: INFO")
     parser.add_argument("--log-format", default="text", choices=log.FORMATS, help="default: text")
@@ -140,13 +150,7 @@ def _ipam_parser() -> _Parser:
         " lowest free address of its node prefix, never the first or last one. Records not"
         " refreshed within --gc-threshold are deleted every --gc-interval.",
     )
-    parser.add_argument(
-        "--listen",
-        required=True,
-        type=_listen_address,
-        metavar="ADDRESS",
-        help="unix:///path or host:port ([v6]:port, :port for every address)",
-    )
+    _add_listen(parser, "unix:///path or host:port ([v6]:port, :port for every address)")
     parser.add_argument(
         "--db",
         default=":memory:",
@@ -221,13 +225,7 @@ def _nsp_parser() -> _Parser:
         "  gateways: []\n\n"
         "Names and references are checked; VIP addresses are passed through verbatim.",
     )
-    parser.add_argument(
-        "--listen",
-        required=True,
-        type=_listen_address,
-        metavar="ADDRESS",
-        help="unix:///path or host:port ([v6]:port, :port for every address)",
-    )
+    _add_listen(parser, "unix:///path or host:port ([v6]:port, :port for every address)")
     parser.add_argument(
         "--config", required=True, metavar="FILE", help="the trench configuration (YAML/JSON)"
     )
@@ -253,13 +251,7 @@ def _nsm_parser() -> _Parser:
         " the request to it, and wires the connection with a veth pair between the client's"
         " and the endpoint's network namespaces (root needed, unless --no-kernel).",
     )
-    parser.add_argument(
-        "--listen",
-        required=True,
-        type=_listen_address,
-        metavar="ADDRESS",
-        help="unix:///path (a UNIX socket: clients are known by their process)",
-    )
+    _add_listen(parser, "unix:///path (a UNIX socket: clients are known by their process)")
     parser.add_argument(
         "--no-kernel",
         action="store_true",
@@ -358,20 +350,8 @@ def _lb_parser() -> _Parser:
         " rp_filter off, the --outside interface up, and each --route kept in the main table"
         " (retried until its gateway is reachable).",
     )
-    parser.add_argument(
-        "--nsm",
-        required=True,
-        type=_dial_address,
-        metavar="ADDRESS",
-        help="the NSM manager (registry) to register with: unix:///path or host:port",
-    )
-    parser.add_argument(
-        "--listen",
-        required=True,
-        type=_listen_address,
-        metavar="ADDRESS",
-        help="the endpoint's own socket (registered as its url): unix:///path",
-    )
+    _add_nsm(parser, "the NSM manager (registry) to register with: unix:///path or host:port")
+    _add_listen(parser, "the endpoint's own socket (registered as its url): unix:///path")
     parser.add_argument("--name", required=True, metavar="NAME", help="the endpoint's name")
     parser.add_argument(
         "--service",
@@ -410,13 +390,7 @@ def _target_parser() -> _Parser:
         f" {_TARGET_TABLE}, `from <VIP> lookup {_TARGET_TABLE}` rules); at stop it closes the"
         " connection and removes them.",
     )
-    parser.add_argument(
-        "--nsm",
-        required=True,
-        type=_dial_address,
-        metavar="ADDRESS",
-        help="the NSM manager: unix:///path or host:port",
-    )
+    _add_nsm(parser, "the NSM manager: unix:///path or host:port")
     parser.add_argument("--name", required=True, metavar="NAME", help="the target's name")
     parser.add_argument(
         "--node", required=True, metavar="NODE", help="its node (the nodeName label)"
