@@ -374,6 +374,14 @@ def _lb_parser() -> _Parser:
         metavar="CIDR=GATEWAY",
         help="a route to keep in the main table; repeat it (the same CIDR twice: multipath)",
     )
+    parser.add_argument(
+        "--registration-lifetime",
+        type=_duration,
+        default=60.0,
+        metavar="DURATION",
+        help="the registration lifetime asked of the registry (default: 1m); a frozen LB drops"
+        " out of the registry after at most this long",
+    )
     _add_netns(parser, "LB")
     _add_logging(parser)
     return parser
@@ -566,6 +574,7 @@ def _lb_task(options: argparse.Namespace) -> Callable[..., Awaitable[Any]]:
         outside=options.outside,
         routes=routes,
         netns=netns,
+        registration_lifetime=options.registration_lifetime,
     )
     return partial(run_lb, settings)
 

@@ -152,6 +152,8 @@ class TopologySpec:
     families: tuple[int, ...] = attrs.field(default=(4, 6), converter=_families)
     state_dir: Path | None = None  # None: $MERIDIO_PROXY_LAB_DIR or /run/meridio-proxy-lab
     proxy_env: Mapping[str, str] = attrs.field(factory=dict)  # NSM_* over the lab's own
+    # The LBs' registration lifetime: how long a frozen LB stays registered, at most.
+    lb_lifetime: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
     timeout: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))  # all of `up`
 
     def to_json(self) -> dict[str, Any]:
@@ -161,6 +163,7 @@ class TopologySpec:
             "targets": self.targets,
             "families": list(self.families),
             "proxy_env": dict(self.proxy_env),
+            "lb_lifetime": self.lb_lifetime,
             "timeout": self.timeout,
         }
 
@@ -173,6 +176,7 @@ class TopologySpec:
             families=tuple(data["families"]),
             state_dir=state_dir,
             proxy_env=dict(data.get("proxy_env", {})),
+            lb_lifetime=data.get("lb_lifetime", 60.0),
             timeout=data.get("timeout", 60.0),
         )
 
@@ -700,6 +704,7 @@ class Topology:
         argv = self._lab_argv(
             "lb", "--nsm", self.address("nsm"), "--listen", self.address(lb.name),
             "--name", lb.name, "--service", LB_SERVICE, "--outside", OUTSIDE_IFNAME, *routes,
+            "--registration-lifetime", f"{self.spec.lb_lifetime:g}s",
         )  # fmt: skip
         self._spawn(lb.name, argv, self.netns(lb.name))
 
@@ -1012,17 +1017,22 @@ class Topology:
 
     async def restart_proxy(
         self, how: int = signal.SIGTERM, *, wait_ready: bool = True, down_for: float = 0.0
-    ) -> None:
+    ) -> float:
         """Stop the proxy with `how` (SIGKILL: as a crash), then start it again with the same
-        environment; by default wait until the lab is ready again."""
+        environment; by default wait until the lab is ready again and the new proxy has
+        settled. The seconds from the signal until ready (0 when not waiting)."""
         await self._note_proxy_socket_dir()
+        started = trio.current_time()
         await self._stop("proxy", how)
         await trio.sleep(down_for)
         self._start_proxy()
-        if wait_ready:
-            await self.wait_ready()
-            await self._note_proxy_socket_dir()
-            await self.wait_settled()
+        if not wait_ready:
+            return 0.0
+        await self.wait_ready()
+        ready = trio.current_time() - started
+        await self._note_proxy_socket_dir()
+        await self.wait_settled()
+        return ready
 
     async def _note_proxy_socket_dir(self) -> None:
         """Record the proxy's private socket directory (/tmp/<NSM_NAME>-*), which a SIGKILLed
@@ -1090,13 +1100,21 @@ class Topology:
         self.state.save()
 
     async def freeze_lb(self, index: int) -> None:
-        """SIGSTOP LB `index` (returns once it is stopped): its namespace keeps forwarding, its
-        process answers nothing and refreshes no registration."""
-        await self._signal_until(self._lb(index).name, signal.SIGSTOP, stopped=True)
+        """LB `index` hangs as a whole pod does: its process gets SIGSTOP (returns once it is
+        stopped) and answers nothing and refreshes no registration, while its namespace keeps
+        forwarding; the outside host withdraws it, as a router does when the hung pod's BGP
+        session (and BFD) goes quiet."""
+        lb = self._lb(index)
+        lb.advertised = False
+        await self._sync_outside()
+        await self._signal_until(lb.name, signal.SIGSTOP, stopped=True)
 
     async def thaw_lb(self, index: int) -> None:
-        """SIGCONT a frozen LB (returns once it runs again)."""
-        await self._signal_until(self._lb(index).name, signal.SIGCONT, stopped=False)
+        """SIGCONT a frozen LB (returns once it runs again) and advertise it again."""
+        lb = self._lb(index)
+        await self._signal_until(lb.name, signal.SIGCONT, stopped=False)
+        lb.advertised = True
+        await self._sync_outside()
 
     async def _signal_until(self, role: str, signum: int, *, stopped: bool) -> None:
         pid = self._process(role).pid

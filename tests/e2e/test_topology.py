@@ -11,45 +11,23 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from proxy.lab.state import LabState, netns_exists, process_alive, process_state
+from proxy.lab.state import LabState, leftovers, netns_exists, process_alive, process_state
 from proxy.lab.topology import Topology, TopologySpec
+from tests.e2e.conftest import lab_name
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
 VIPS = {"198.19.0.1", "198.19.0.2", "2001:db8:ff::1", "2001:db8:ff::2"}
-
-
-@pytest.fixture
-def state_dir() -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="mp-e2e-", dir="/tmp"))
-    try:
-        yield directory
-    finally:
-        for state_file in directory.glob("*.json"):  # a test that failed half-way
-            subprocess.run(
-                [sys.executable, "-m", "proxy", "lab", "down", "--name", state_file.stem,
-                 "--state-dir", str(directory)],
-                capture_output=True, timeout=60, check=False,
-            )  # fmt: skip
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def lab_name() -> str:
-    return f"e{secrets.token_hex(3)}"
 
 
 def lab(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -59,18 +37,6 @@ def lab(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=timeout,
     )
-
-
-def leftovers(state: LabState) -> list[str]:
-    """What of a lab still exists: namespaces, processes, files (sockets included)."""
-    left = [f"namespace {name}" for name in state.namespaces.values() if netns_exists(name)]
-    left += [f"{role} pid {p.pid}" for role, p in state.processes.items() if process_alive(p)]
-    left += [
-        path
-        for path in (str(state.file), str(state.directory), *state.paths)
-        if os.path.exists(path)
-    ]
-    return left
 
 
 def check_status(document: dict[str, Any]) -> None:
@@ -128,6 +94,7 @@ HOLDER = """
 import sys, time, trio
 from pathlib import Path
 from proxy.lab.topology import Topology, TopologySpec
+from tests.e2e.conftest import lab_name
 
 async def main():
     await Topology.up(TopologySpec(name=sys.argv[1], state_dir=Path(sys.argv[2])))
