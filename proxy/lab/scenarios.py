@@ -301,10 +301,15 @@ class HealthLog:
                     task_status.started()
 
     def statuses(self, service: str, since: float = 0.0) -> list[str]:
-        """The statuses `service` went through since `since`, each change once."""
+        """The statuses `service` went through from `since` on (starting with the one it had
+        then), each change once."""
         found: list[str] = []
         for when, name, status in self.events:
-            if name == service and when >= since and (not found or found[-1] != status):
+            if name != service:
+                continue
+            if when < since:
+                found = [status]
+            elif not found or found[-1] != status:
                 found.append(status)
         return found
 
@@ -612,9 +617,11 @@ async def peer_restart(
     per_family: int = 2,
     rate: float = 200.0,
     within: float = 60.0,
+    after: float = AFTER,
 ) -> PeerRestartFigures:
     """Stop a peer, keep it away `down_for` seconds, start it again, all while streams run and
-    the proxy's health is watched; wait until every health service is SERVING again."""
+    the proxy's health is watched; wait until every health service is SERVING again, and keep
+    the streams running `after` seconds more."""
     health = HealthLog(topology, WATCHED)
     async with trio.open_nursery() as nursery:
         await nursery.start(health.run)
@@ -625,7 +632,7 @@ async def peer_restart(
             down = trio.current_time() - started
             await topology.wait_ready(within=within)
             ready = trio.current_time() - started
-            await trio.sleep(AFTER)
+            await trio.sleep(after)
         nursery.cancel_scope.cancel()
     return PeerRestartFigures(
         peer=peer,

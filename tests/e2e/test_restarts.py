@@ -1,0 +1,91 @@
+"""The proxy and each of its peers restarted under traffic (scenarios 5 and 6).
+
+* The proxy is SIGKILLed and started again: the kernel keeps forwarding what it left, the new
+  proxy adopts it, so egress loses nothing; it owns the same bridge MAC and addresses, keeps
+  the same ports, and leaves no IPAM record that no interface holds.
+* IPAM, NSP and the NSM manager are restarted in turn: traffic keeps flowing; the sub-service
+  that follows the peer (IPAMCli, NSPCli) goes NOT_SERVING and back, Readiness with it. The NSM
+  manager has no sub-service of its own (upstream neither): NSMEndpoint is the proxy's own
+  endpoint, which keeps serving, so Readiness stays SERVING.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.lab.scenarios import peer_restart, proxy_restart
+from proxy.lab.state import leftovers
+from proxy.lab.topology import Topology
+from tests.e2e.conftest import spec
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(150)]
+
+TOKEN_LIFETIME = 12.0  # the proxy refreshes its LB connections every third of this
+ESTABLISHED = "connection established"  # what the lab manager logs for a connection it is new to
+
+
+async def test_proxy_sigkill_and_restart(topology: Topology) -> None:
+    figures = await proxy_restart(topology)
+    before, after, streams = figures.before, figures.after, figures.streams
+    print(
+        f"proxy SIGKILLed: ready again after {figures.ready_s:.2f}s; {streams.count} streams"
+        f" lost {streams.lost} packets (worst {streams.worst_ms:.0f} ms), moved {streams.moved};"
+        f" IPAM records {len(before.records)} before, {len(after.records)} after,"
+        f" {len(figures.leaked)} held by no interface"
+    )
+    assert streams.lost == 0 and streams.moved == 0, figures
+    assert after.bridge_mac == before.bridge_mac
+    assert after.bridge_addresses == before.bridge_addresses
+    assert after.ports == before.ports  # the same interfaces, not new ones with the same name
+    assert after.target_addresses == before.target_addresses
+    assert after.records == before.records
+    assert figures.leaked == {}
+
+
+@pytest.mark.parametrize(("peer", "service"), [("ipam", "IPAMCli"), ("nsp", "NSPCli")])
+async def test_peer_restart(topology: Topology, peer: str, service: str) -> None:
+    figures = await peer_restart(topology, peer)
+    print(figures)
+    streams = figures.streams
+    print(
+        f"{peer} away {figures.down_s:.2f}s: {service} {' -> '.join(figures.statuses[service])}"
+        f" ({figures.not_serving_s[service]:.2f}s not serving), Readiness"
+        f" {' -> '.join(figures.statuses['Readiness'])}; ready again after"
+        f" {figures.ready_again_s:.2f}s; {streams.count} streams lost {streams.lost} packets"
+    )
+    assert streams.lost == 0 and streams.moved == 0, figures
+    assert figures.statuses[service] == ["SERVING", "NOT_SERVING", "SERVING"], figures
+    assert figures.statuses["Readiness"] == ["SERVING", "NOT_SERVING", "SERVING"], figures
+    for other in ("Liveness", "Egress", "NSMEndpoint"):
+        assert figures.statuses[other] == ["SERVING"], figures
+
+
+async def test_nsm_manager_restart(state_dir: Path) -> None:
+    """The manager forgets everything (the lab's registry and connections are in memory); the
+    LBs and the proxy register again, and the proxy's next refresh of each LB connection goes
+    through the new manager (a short token lifetime makes that come within seconds) and rewires
+    nothing: traffic flows on, the same ports stay."""
+    lab = spec(state_dir, proxy_env={"NSM_MAX_TOKEN_LIFETIME": f"{TOKEN_LIFETIME:g}s"})
+    async with Topology.running(lab) as topology:
+        members = await topology.group_members()
+        ports = {(p["ifname"], p["ifindex"]) for p in await topology.bridge_ports()}
+        established = topology.log("nsm").count(ESTABLISHED)
+        figures = await peer_restart(topology, "nsm", after=TOKEN_LIFETIME * 2 / 3)
+        print(figures)
+        refreshed = topology.log("nsm").count(ESTABLISHED) - established
+        streams = figures.streams
+        print(
+            f"nsm away {figures.down_s:.2f}s; Readiness"
+            f" {' -> '.join(figures.statuses['Readiness'])}; {refreshed} connections refreshed"
+            f" through the new manager; {streams.count} streams lost {streams.lost} packets,"
+            f" moved {streams.moved}"
+        )
+        assert refreshed >= len(topology.lbs), topology.log("nsm")[-3000:]
+        assert streams.lost == 0 and streams.moved == 0, figures
+        for service, statuses in figures.statuses.items():
+            assert statuses == ["SERVING"], (service, figures)
+        assert await topology.group_members() == members
+        assert {(p["ifname"], p["ifindex"]) for p in await topology.bridge_ports()} == ports
+    assert leftovers(topology.state) == []
