@@ -24,12 +24,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-import attrs
 import trio
 
-from proxy.lab import traffic
+from proxy.lab.scenarios import FlowProbe, Round, flow_probe, wait_rebalanced
 from proxy.lab.state import leftovers
-from proxy.lab.topology import OUTSIDE_HOST, Topology, TopologySpec
+from proxy.lab.topology import Topology, TopologySpec
 
 __all__ = ["DEMO_PROXY_ENV", "Checks", "run_demo"]
 
@@ -37,10 +36,7 @@ __all__ = ["DEMO_PROXY_ENV", "Checks", "run_demo"]
 DEMO_PROXY_ENV = {"NSM_ECMP_IDLE_TIMER": "1s"}
 BAR = 30
 EXTRA_PACKETS = 20  # an LB's counter and the recorder may differ by its ARP/NDP traffic
-SETTLE = 0.3  # for TCP's delayed ACKs, so the LBs' counters and the recorder see the same
 LOST = "(lost)"
-
-Placement = dict[traffic.FlowKey, str | None]
 
 
 class Checks:
@@ -64,83 +60,31 @@ class Checks:
         return sum(1 for ok, _ in self.results if ok)
 
 
-@attrs.frozen
-class Round:
-    placement: Placement  # the LB each flow came through (None: not seen at the outside)
-    counted: dict[str, int]  # packets each LB sent to the outside (its own counter)
-    seen: dict[str, int]  # packets the outside host saw from each LB
-    failed: frozenset[traffic.FlowKey]  # flows not answered
-
-
 class Demo:
-    def __init__(self, topology: Topology, out: Callable[[str], None], udp: int, tcp: int) -> None:
+    def __init__(self, topology: Topology, probe: FlowProbe, check: Checks) -> None:
         self.topology = topology
-        self.out = out
-        self.udp = udp
-        self.tcp = tcp
-        self.check = Checks(out)
-        self.recorder = traffic.PathRecorder(topology.netns("out"))
-        self.flow_sets: list[traffic.FlowSet] = []
-
-    @property
-    def keys(self) -> list[traffic.FlowKey]:
-        return [flow.key for flows in self.flow_sets for flow in flows.flows]
-
-    async def open_flows(self) -> None:
-        topology = self.topology
-        for index, target in sorted(topology.targets.items()):
-            for version in topology.families:
-                flows = traffic.FlowSet(
-                    topology.netns(target.name),
-                    topology.vip(index, version),
-                    OUTSIDE_HOST[version],
-                    traffic.ECHO_PORT,
-                )
-                await flows.open(self.udp, self.tcp)
-                self.flow_sets.append(flows)
-
-    def close_flows(self) -> None:
-        for flows in self.flow_sets:
-            flows.aclose_sync()
+        self.probe = probe
+        self.out = check.out
+        self.check = check
 
     async def round(self, what: str) -> Round:
         """One message on every flow; prints the spread over the LBs and checks that every
         flow was answered, came through one LB, and that the LBs' counters agree."""
-        await trio.sleep(SETTLE)  # whatever went before (TCP handshakes) counted and seen
-        before = await self.topology.counters()
-        self.recorder.reset()
-        answers: dict[traffic.FlowKey, traffic.Answer] = {}
-        started = trio.current_time()
-
-        async def exchange(flows: traffic.FlowSet) -> None:
-            answers.update(await flows.exchange())
-
-        async with trio.open_nursery() as nursery:
-            for flows in self.flow_sets:
-                nursery.start_soon(exchange, flows)
-        elapsed = trio.current_time() - started
-        await trio.sleep(SETTLE)
-        after = await self.topology.counters()
-        result = Round(
-            placement={key: self.recorder.path(key) for key in self.keys},
-            counted={lb: after[lb] - before.get(lb, 0) for lb in after},
-            seen=dict(self.recorder.packets),
-            failed=frozenset(key for key, answer in answers.items() if not answer.ok),
-        )
-        total = len(answers)
+        result = await self.probe.round()
+        total = len(result.answers)
         self.out(
             f"  {what}: {total} flows, one message each;"
-            f" {total - len(result.failed)} answered in {elapsed:.1f}s"
+            f" {total - len(result.failed)} answered in {result.elapsed:.1f}s"
         )
         self.distribution(result)
-        retried = sum(1 for a in answers.values() if a.ok and a.tries > 1)
+        retried = sum(1 for a in result.answers.values() if a.ok and a.tries > 1)
         self.check(
             not result.failed,
             f"every flow answered by the outside host: {total - len(result.failed)}/{total}"
             + (f" ({retried} UDP flows needed a resend)" if retried else "")
             + (f"; unanswered: {_kinds(result)}" if result.failed else ""),
         )
-        split = [key for key in self.keys if len(self.recorder.paths(key)) > 1]
+        split = self.probe.split()
         self.check(not split, f"every flow came through one LB only ({len(split)} split)")
         lbs = sorted(set(result.counted) | set(result.seen), key=_lb_order)
         apart = [
@@ -180,26 +124,6 @@ class Demo:
             rows.append(f"    {old:>6} -> {new:<7} {count:>5}  {note}")
         self.out("\n".join(rows))
 
-    async def wait_rebalanced(self, name: str, within: float = 10.0) -> float:
-        """Until a returning LB holds buckets in every resilient group (at once for a plain
-        multipath route); the seconds taken."""
-        from proxy.lab.status import collect
-
-        started = trio.current_time()
-
-        async def holds() -> bool:
-            groups = (await collect(self.topology))["proxy"]["groups"]
-            return all(
-                member["buckets"]
-                for group in groups.values()
-                if group["type"] == "resilient"
-                for member in group["members"]
-                if member["lb"] == name
-            )
-
-        await self.topology.wait_until(f"{name} holding buckets again", holds, within)
-        return trio.current_time() - started
-
 
 def _kinds(result: Round) -> str:
     kinds = Counter(
@@ -234,9 +158,8 @@ async def run_demo(
     check = Checks(out)
     try:
         out("\n" + render(await collect(topology)))
-        demo = Demo(topology, out, udp, tcp)
-        check = demo.check
-        await _traffic(demo)
+        async with flow_probe(topology, udp=udp, tcp=tcp) as probe:
+            await _rounds(Demo(topology, probe, check))
     finally:
         with contextlib.suppress(Exception):  # a closed stdout must not keep the lab up
             out("\nTAKING THE LAB DOWN")
@@ -255,24 +178,6 @@ async def run_demo(
     verdict = "PASS" if check.ok else "FAIL"
     out(f"\n{verdict}: {check.held}/{len(check.results)} checks held, in {elapsed:.0f}s")
     return check.ok
-
-
-async def _traffic(demo: Demo) -> None:
-    topology = demo.topology
-    async with trio.open_nursery() as nursery:
-        await nursery.start(
-            traffic.serve_echo,
-            topology.netns("out"),
-            [OUTSIDE_HOST[v] for v in topology.families],
-            traffic.ECHO_PORT,
-        )
-        await nursery.start(demo.recorder.run)
-        await demo.open_flows()
-        try:
-            await _rounds(demo)
-        finally:
-            demo.close_flows()
-            nursery.cancel_scope.cancel()
 
 
 async def _rounds(demo: Demo) -> None:
@@ -331,7 +236,7 @@ async def _rounds(demo: Demo) -> None:
     started = trio.current_time()
     await topology.start_lb(index)
     back = trio.current_time() - started
-    balanced = await demo.wait_rebalanced(victim)
+    balanced = await wait_rebalanced(topology, victim)
     out(
         f"  {victim} was in the proxy's nexthop groups {back:.2f}s after it started; buckets"
         f" idle for NSM_ECMP_IDLE_TIMER moved to it {balanced:.2f}s later"
