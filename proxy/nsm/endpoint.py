@@ -1,13 +1,20 @@
 """The target-facing NSM endpoint: `proxy.<conduit>.<trench>.<namespace>` for the node's pods.
 
-Per Request (initial, refresh or heal): validate (INVALID_ARGUMENT with a message: no path, no
-id, no network service, no supported mechanism), take our hop in the path, allocate the target's
-addresses keyed by its first path segment id (so they survive a proxy restart), set the IP
-context (`ipcontext.nse_context`), choose the mechanism (KERNEL, or NOOP without an interface)
-with a stable interface name for our side, set the MTU, and tell the router to make the
-interface a bridge port. A connection that is not refreshed before it expires is closed as NSM's
-timeout would: its port is released and its addresses go back to IPAM after the release delay.
-Close does the same at once. MonitorConnections reports the connections at our hop.
+Per Request (initial, refresh or heal): validate (INVALID_ARGUMENT with a message, logged: no
+path, no id, a first segment without id, no or another network service than ours, no supported
+mechanism, an IP context holding something that is not an address), take our hop in the path,
+allocate the target's addresses keyed by its first path segment id (so they survive a proxy
+restart), set the IP context (`ipcontext.nse_context`), choose the mechanism (KERNEL, or NOOP
+without an interface) with a stable interface name for our side, set the MTU, and tell the
+router to make the interface a bridge port. A connection that is not refreshed before it
+expires is closed as NSM's timeout would: its port is released and its addresses go back to
+IPAM after the release delay. Close does the same at once. MonitorConnections reports the
+connections at our hop. Labels are not checked: NSM used them to choose this endpoint.
+
+A key (and so its addresses and port) is released only when no connection we know holds it:
+a Close for a connection we do not know, or the end of one of two connections of one target
+(a target that requested afresh before its old connection was closed), names a key that may be
+another connection's, and releasing it would cut a live target off.
 
 The endpoint task owns the connection table; handlers run in the RPC server's tasks and only
 touch the table synchronously (no await between reading and writing an entry), and requests for
@@ -36,7 +43,7 @@ from proxy.api.networkservice.connection_pb2 import (
 from proxy.api.networkservice.networkservice_pb2 import NetworkServiceRequest
 from proxy.kernel.model import IPInterface
 from proxy.kernel.router import RouterEvent, SetTargetPort
-from proxy.nsm.ipcontext import nse_context
+from proxy.nsm.ipcontext import context_problems, nse_context
 from proxy.nsm.path import Hop, PathError, server_hop
 from proxy.nsm.wire import interface_name, seconds, timestamp
 from proxy.rpc import CallContext, InvalidArgumentError, UnavailableError
@@ -135,18 +142,17 @@ class TargetEndpoint:
     # -- Request / Close ------------------------------------------------------------------------
 
     async def request(self, message: NetworkServiceRequest, context: CallContext) -> Connection:
-        if not message.HasField("connection"):
-            raise InvalidArgumentError("the request has no connection")
-        incoming = message.connection
-        if not incoming.id:
-            raise InvalidArgumentError("the connection has no id")
-        if not incoming.network_service:
-            raise InvalidArgumentError("the connection names no network service")
-        mechanism = self._choose_mechanism(message)
         try:
-            hop = server_hop(incoming, self.name)
-        except PathError as exc:
-            raise InvalidArgumentError(str(exc)) from None
+            hop, mechanism = self._accepted(message)
+        except InvalidArgumentError as exc:
+            # The client only sees the status; the operator needs to see who sent what.
+            logger.warning(
+                "target request refused",
+                conn_id=message.connection.id[:80] or "-",
+                peer_pid=context.peer.pid or "-",
+                reason=exc.status.status_message,
+            )
+            raise
         our_id = hop.connection.id
         async with self._turn(our_id):
             # Bounded even when the caller set no deadline (the handler has the caller's).
@@ -194,6 +200,34 @@ class TargetEndpoint:
             )
             return hop.answer(connection)
 
+    def _accepted(self, message: NetworkServiceRequest) -> tuple[Hop, Mechanism]:
+        """Our hop of a request we can serve, and the mechanism; InvalidArgumentError if not."""
+        if not message.HasField("connection"):
+            raise InvalidArgumentError("the request has no connection")
+        incoming = message.connection
+        if not incoming.id:
+            raise InvalidArgumentError("the connection has no id")
+        if not incoming.network_service:
+            raise InvalidArgumentError("the connection names no network service")
+        if incoming.network_service != self.service_name:
+            raise InvalidArgumentError(
+                f"network service {incoming.network_service[:80]!r} is not served here"
+                f" (this endpoint serves {self.service_name!r})"
+            )
+        mechanism = self._choose_mechanism(message)
+        problems = context_problems(incoming.context.ip_context)
+        if problems:
+            raise InvalidArgumentError("bad IP context: " + "; ".join(problems))
+        try:
+            hop = server_hop(incoming, self.name)
+        except PathError as exc:
+            raise InvalidArgumentError(str(exc)) from None
+        if not hop.first_id:
+            raise InvalidArgumentError(
+                "path segment 0 has no id (the client's identity, which keys its addresses)"
+            )
+        return hop, mechanism
+
     async def close(self, message: Connection, context: CallContext) -> Empty:
         try:
             hop = server_hop(message, self.name, new_id=lambda: "")
@@ -202,11 +236,24 @@ class TargetEndpoint:
         async with self._turn(hop.connection.id):
             if hop.connection.id in self.connections:
                 await self._forget(hop.connection.id, reason="closed")
-            else:
+            elif holders := self._holders(hop.first_id):
+                # Not this connection, but its key is held by one we know: a stale or forged
+                # Close. Releasing by key would take a live target's addresses and port.
+                logger.warning(
+                    "close of an unknown connection ignored: its key is in use",
+                    conn_id=hop.connection.id or "-",
+                    key=hop.first_id,
+                    holder=holders[0],
+                )
+            elif hop.first_id:  # (no id, no key: nothing could have been allocated for it)
                 # Not known here: a previous instance of the proxy served it (its table died
                 # with it). The target is leaving all the same: release by its key and port.
                 await self._forget_unknown(hop)
         return Empty()
+
+    def _holders(self, key: str) -> list[str]:
+        """Our ids of the connections that hold `key`."""
+        return [our_id for our_id, conn in self.connections.items() if conn.key == key]
 
     async def _forget_unknown(self, hop: Hop) -> None:
         self._addresses.release_later(hop.first_id)
@@ -220,7 +267,7 @@ class TargetEndpoint:
         if message.connection.HasField("mechanism") and message.connection.mechanism.type:
             if message.connection.mechanism.type not in (KERNEL, NOOP):
                 raise InvalidArgumentError(
-                    f"mechanism {message.connection.mechanism.type!r} is not supported "
+                    f"mechanism {message.connection.mechanism.type[:40]!r} is not supported "
                     "(KERNEL, NOOP)"
                 )
             chosen.CopyFrom(message.connection.mechanism)
@@ -229,7 +276,7 @@ class TargetEndpoint:
             if preference.type in (KERNEL, NOOP):
                 chosen.CopyFrom(preference)
                 return chosen
-        offered = ", ".join(p.type or "?" for p in message.mechanism_preferences) or "none"
+        offered = ", ".join(p.type[:40] or "?" for p in message.mechanism_preferences) or "none"
         raise InvalidArgumentError(
             f"no supported mechanism (offered: {offered}; supported: KERNEL, NOOP)"
         )
@@ -238,8 +285,15 @@ class TargetEndpoint:
         gone = self.connections.pop(our_id, None)
         if gone is None:
             return
-        self._addresses.release_later(gone.key)
-        if gone.interface is not None:
+        others = {i: conn for i, conn in self.connections.items() if conn.key == gone.key}
+        if others:
+            holder = next(iter(others))
+            logger.info("key kept: another connection holds it", key=gone.key, holder=holder)
+        else:
+            self._addresses.release_later(gone.key)
+        if gone.interface is not None and all(
+            conn.interface != gone.interface for conn in others.values()
+        ):
             await self._router.send(SetTargetPort(gone.interface, wanted=False))
         self._publish(ConnectionEventType.DELETE, gone.connection)
         self._wake()

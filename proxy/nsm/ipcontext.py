@@ -12,14 +12,19 @@ port; a target also gets the bridge addresses as gateways (`extra_prefixes`). Fi
   the gateways and the policy routes' next hops.
 
 The functions take the current context and return a new one; they never change their input.
+
+`context_problems` checks a client's context before anything is built on it: the proxy hands
+the addresses and routes back to NSM, whose forwarder writes them to the kernel, so a value that
+is not an address must be refused at the edge (INVALID_ARGUMENT) rather than echoed back.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 
-from proxy.api.networkservice.connectioncontext_pb2 import IPContext
+from proxy.api.networkservice.connectioncontext_pb2 import IPContext, Route
 from proxy.kernel.model import IPInterface
 
 
@@ -91,6 +96,70 @@ def _rebuild(
         for route in policy.routes:
             route.nextHop = hop
     return context
+
+
+_ADDRESS = re.compile(r"[0-9A-Fa-f:.]+")
+_WITH_LENGTH = re.compile(r"[0-9A-Fa-f:.]+/[0-9]{1,3}")
+_SHOWN_CHARACTERS = 60  # of a bad value in a message (a client could send anything)
+_PROBLEMS_SHOWN = 5
+
+
+def context_problems(context: IPContext) -> list[str]:
+    """Each value of a client's IP context that is not what NSM's forwarder expects there
+    (empty: none): `address/length` in the address and prefix lists, the routes' prefixes and
+    the policies' `from`; a plain address as a next hop or neighbour. Pure; at most
+    `_PROBLEMS_SHOWN` problems and a count of the rest."""
+    problems: list[str] = []
+    for field in ("src_ip_addrs", "dst_ip_addrs", "excluded_prefixes", "extra_prefixes"):
+        for index, text in enumerate(getattr(context, field)):
+            if not _is_interface(text):
+                problems.append(f"{field}[{index}] {_shown(text)} is not an address/length")
+    for field in ("src_routes", "dst_routes"):
+        for index, route in enumerate(getattr(context, field)):
+            problems += _route_problems(f"{field}[{index}]", route)
+    for index, policy in enumerate(context.policies):
+        source = getattr(policy, "from")
+        if source and not _is_interface(source):
+            problems.append(f"policies[{index}].from {_shown(source)} is not an address/length")
+        for number, route in enumerate(policy.routes):
+            problems += _route_problems(f"policies[{index}].routes[{number}]", route)
+    for index, neighbour in enumerate(context.ip_neighbors):
+        if not _is_address(neighbour.ip):
+            problems.append(f"ip_neighbors[{index}].ip {_shown(neighbour.ip)} is not an address")
+    if len(problems) > _PROBLEMS_SHOWN:
+        left = len(problems) - _PROBLEMS_SHOWN
+        problems = [*problems[:_PROBLEMS_SHOWN], f"and {left} more"]
+    return problems
+
+
+def _route_problems(where: str, route: Route) -> list[str]:
+    problems = []
+    if not _is_interface(route.prefix):
+        problems.append(f"{where}.prefix {_shown(route.prefix)} is not an address/length")
+    if route.nextHop and not _is_address(route.nextHop):
+        problems.append(f"{where}.nextHop {_shown(route.nextHop)} is not an address")
+    return problems
+
+
+def _is_interface(text: str) -> bool:
+    """`address/length`, written plainly (no netmask form, scope or whitespace)."""
+    return _WITH_LENGTH.fullmatch(text) is not None and _valid(text)
+
+
+def _is_address(text: str) -> bool:
+    if _ADDRESS.fullmatch(text) is None:
+        return False
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _shown(text: str) -> str:
+    if len(text) > _SHOWN_CHARACTERS:
+        return repr(text[:_SHOWN_CHARACTERS]) + f"...({len(text)} characters)"
+    return repr(text)
 
 
 def _copy(context: IPContext) -> IPContext:

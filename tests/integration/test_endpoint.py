@@ -6,12 +6,14 @@ import ipaddress
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import attrs
 import pytest
 import trio
 import trio.testing
+from loguru import logger
 
 from proxy import rpc
 from proxy.api.networkservice import connection_grpc, networkservice_grpc
@@ -89,6 +91,21 @@ def make_endpoint(
     )
 
 
+@pytest.fixture
+def warnings() -> Iterator[list[dict[str, Any]]]:
+    records: list[dict[str, Any]] = []
+    sink = logger.add(
+        lambda message: records.append(
+            {"message": message.record["message"], **message.record["extra"]}
+        ),
+        level="WARNING",
+    )
+    try:
+        yield records
+    finally:
+        logger.remove(sink)
+
+
 @attrs.define
 class Served:
     endpoint: TargetEndpoint
@@ -120,22 +137,94 @@ async def served(nursery: trio.Nursery) -> AsyncIterator[Served]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-async def test_bad_requests_are_refused_with_a_reason(served: Served) -> None:
+async def test_bad_requests_are_refused_with_a_reason(
+    served: Served, warnings: list[dict[str, Any]]
+) -> None:
     cases = {
         "no connection": NetworkServiceRequest(),
         "no id": target_request(),
         "no network service": target_request(),
+        "another network service": target_request(),
         "no supported mechanism": target_request(mechanism="MEMIF"),
         "no path": target_request(),
+        "no id in the first segment": target_request(),
+        "addresses that are not addresses": target_request(),
     }
     cases["no id"].connection.id = ""
     cases["no network service"].connection.network_service = ""
+    cases["another network service"].connection.network_service = "proxy.conduit-b.trench-a.red"
     del cases["no path"].connection.path.path_segments[:]
+    unnamed = cases["no id in the first segment"].connection
+    unnamed.path.path_segments[0].id = ""
+    unnamed.path.path_segments.add(name="nsmgr", id=unnamed.id)
+    unnamed.path.index = 1
+    garbage = cases["addresses that are not addresses"].connection.context.ip_context
+    garbage.src_ip_addrs.extend(["not-an-ip", "300.1.2.3/32"])
+    garbage.extra_prefixes.append("2001:db8::zz/64")
     for words, request in cases.items():
         with pytest.raises(rpc.InvalidArgumentError) as refused:
             await served.stub.Request(request)
         print(f"{words}: {refused.value.status.status_message}")
     assert served.addresses.allocated == []
+    with pytest.raises(trio.WouldBlock):
+        served.router.receive_nowait()
+    refusals = [w for w in warnings if w["message"] == "target request refused"]
+    assert len(refusals) == len(cases)
+    assert "not served here" in refusals[3]["reason"]
+    assert refusals[7]["reason"] == (
+        "bad IP context: src_ip_addrs[0] 'not-an-ip' is not an address/length;"
+        " src_ip_addrs[1] '300.1.2.3/32' is not an address/length;"
+        " extra_prefixes[0] '2001:db8::zz/64' is not an address/length"
+    )
+
+
+async def test_a_close_naming_a_live_targets_key_under_another_id_is_ignored(
+    served: Served,
+) -> None:
+    """Only the target's own segment in the path (no id of ours): a stale or forged Close. The
+    key is a live connection's, so its addresses and port stay."""
+    answer = await served.stub.Request(target_request())
+    port = SetTargetPort(interface_name(SERVICE, "target-a-red-0"))
+    assert served.router.receive_nowait() == port
+    forged = Connection(id=answer.id, network_service=SERVICE)
+    forged.path.path_segments.append(PathSegment(name="target-a", id=answer.id))
+    forged.mechanism.type = "KERNEL"
+    await served.stub.Close(forged)
+    assert served.addresses.released == []
+    with pytest.raises(trio.WouldBlock):
+        served.router.receive_nowait()
+    assert len(served.endpoint.connections) == 1
+    await served.stub.Close(answer)  # the real one
+    assert served.addresses.released == ["target-a-red-0"]
+    assert served.router.receive_nowait() == SetTargetPort(port.name, wanted=False)
+
+
+async def test_two_connections_of_one_target_release_its_key_after_the_last(
+    served: Served,
+) -> None:
+    """A target that requested afresh (a new path, so a new id at our hop) before its old
+    connection was closed: closing the old one must not take the key the new one uses."""
+    old = await served.stub.Request(target_request())
+    port = SetTargetPort(interface_name(SERVICE, "target-a-red-0"))
+    assert served.router.receive_nowait() == port
+    new = await served.stub.Request(target_request())
+    assert served.router.receive_nowait() == port  # wanted again: the same port, no change
+    assert new.path.path_segments[1].id != old.path.path_segments[1].id
+    assert new.context.ip_context.src_ip_addrs == old.context.ip_context.src_ip_addrs
+    await served.stub.Close(old)
+    assert served.addresses.released == []
+    with pytest.raises(trio.WouldBlock):
+        served.router.receive_nowait()
+    await served.stub.Close(new)
+    assert served.addresses.released == ["target-a-red-0"]
+    assert served.router.receive_nowait() == SetTargetPort(port.name, wanted=False)
+
+
+async def test_a_close_without_ids_releases_nothing(served: Served) -> None:
+    nameless = Connection(network_service=SERVICE)
+    nameless.path.path_segments.append(PathSegment(name="target-a"))
+    await served.stub.Close(nameless)
+    assert served.addresses.released == []
 
 
 async def test_a_target_connects_refreshes_and_closes(served: Served) -> None:

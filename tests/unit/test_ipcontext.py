@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 
-from proxy.api.networkservice.connectioncontext_pb2 import IPContext, PolicyRoute, Route
-from proxy.nsm.ipcontext import nsc_context, nse_context
+from proxy.api.networkservice.connectioncontext_pb2 import (
+    IPContext,
+    IpNeighbor,
+    PolicyRoute,
+    Route,
+)
+from proxy.nsm.ipcontext import context_problems, nsc_context, nse_context
 
 BRIDGE = [ipaddress.ip_interface("172.16.0.100/24"), ipaddress.ip_interface("fd00::100/64")]
 SRC = [ipaddress.ip_interface("172.16.0.1/24"), ipaddress.ip_interface("fd00::1/64")]
@@ -104,3 +109,44 @@ def test_families_always_ipv4_first() -> None:
     result = nse_context(IPContext(), src=SRC[::-1], dst=DST[::-1], gateways=BRIDGE[::-1])
     assert list(result.src_ip_addrs) == ["172.16.0.1/24", "fd00::1/64"]
     assert list(result.extra_prefixes) == ["172.16.0.100/24", "fd00::100/64"]
+
+
+def test_context_problems_accepts_what_nsm_and_the_proxy_write() -> None:
+    good = nse_context(IPContext(), src=SRC, dst=DST, gateways=BRIDGE)
+    good.src_ip_addrs.append("198.19.0.1/32")  # a target's VIP
+    good.policies.append(policy("198.19.0.1/32", "172.16.0.100"))
+    good.src_routes.append(Route(prefix="198.18.0.0/16"))
+    good.ip_neighbors.append(IpNeighbor(ip="fd00::100", hardware_address="02:00:00:00:00:01"))
+    assert context_problems(good) == []
+    assert context_problems(IPContext()) == []
+
+
+def test_context_problems_names_each_value_that_is_not_an_address() -> None:
+    bad = context(
+        src_ip_addrs=["not-an-ip", "198.18.0.1"],  # the second: no length
+        dst_ip_addrs=["300.1.2.3/32"],
+        extra_prefixes=["198.19.9.9/40"],
+    )
+    bad.policies.append(policy("2001:db8::zz/128", "fd00::100"))
+    assert context_problems(bad) == [
+        "src_ip_addrs[0] 'not-an-ip' is not an address/length",
+        "src_ip_addrs[1] '198.18.0.1' is not an address/length",
+        "dst_ip_addrs[0] '300.1.2.3/32' is not an address/length",
+        "extra_prefixes[0] '198.19.9.9/40' is not an address/length",
+        "policies[0].from '2001:db8::zz/128' is not an address/length",
+    ]
+    routes = context(src_ip_addrs=[" 198.18.0.1/24", "198.18.0.1/255.255.255.0"])
+    routes.dst_routes.append(Route(prefix="0.0.0.0/0", nextHop="gateway"))
+    routes.policies.append(policy("", "x" * 100))
+    problems = context_problems(routes)
+    assert problems[:3] == [
+        "src_ip_addrs[0] ' 198.18.0.1/24' is not an address/length",
+        "src_ip_addrs[1] '198.18.0.1/255.255.255.0' is not an address/length",
+        "dst_routes[0].nextHop 'gateway' is not an address",
+    ]
+    assert problems[3].endswith("...(100 characters) is not an address")
+
+
+def test_context_problems_shows_five_and_counts_the_rest() -> None:
+    problems = context_problems(context(src_ip_addrs=[f"bad-{n}" for n in range(8)]))
+    assert len(problems) == 6 and problems[-1] == "and 3 more"
