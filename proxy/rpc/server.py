@@ -15,6 +15,9 @@ What purerpc's own `Server`/`ConnectionHandler` get wrong and this does instead
 * A handler that raises RpcFailedError sends that status; any other exception is logged once with
   its traceback and the client gets UNKNOWN with the exception's type and message, never the
   traceback. No bare `except`: cancellation always propagates.
+* A request message that does not parse gets INTERNAL with protobuf's reason (the code grpc-go
+  and grpcio send: the gRPC status-code table lists "error parsing request proto" as INTERNAL),
+  and is logged once without a traceback: the handler never saw it, so nobody else can.
 * Sockets are closed explicitly; a TLS handshake failure is logged once, without a traceback.
 
 Only unary and server-streaming methods are served (all that NSM, IPAM, NSP and health use).
@@ -180,7 +183,7 @@ class Server:
             if stream.finished:  # reset before we got here
                 return
             try:
-                message = await _receive_request(stream, method.request_type)
+                message = await _receive_request(stream, method.request_type, context)
                 if method.server_streaming:
                     await _stream_responses(stream, method.function(message, request=context))
                 else:
@@ -203,7 +206,7 @@ class Server:
         _finish(stream, status)
 
 
-async def _receive_request(stream: RpcStream, request_type: Any) -> Any:
+async def _receive_request(stream: RpcStream, request_type: Any, context: CallContext) -> Any:
     """The single request message of a unary-request call."""
     message = None
     while True:
@@ -214,10 +217,17 @@ async def _receive_request(stream: RpcStream, request_type: Any) -> Any:
             message = request_type()
             try:
                 message.ParseFromString(event.data)
-            except Exception:
-                raise RpcFailedError(
-                    Status(StatusCode.INTERNAL, f"could not parse {request_type.__name__}")
-                ) from None
+            except Exception as exc:
+                text = f"could not parse {request_type.__name__}: {exc}"[:_MESSAGE_LIMIT]
+                logger.warning(
+                    "request refused",
+                    method=f"/{context.service_name}/{context.method_name}",
+                    peer=context.peer.address,
+                    peer_pid=context.peer.pid or "-",
+                    size=len(event.data),
+                    reason=text,
+                )
+                raise RpcFailedError(Status(StatusCode.INTERNAL, text)) from None
         elif isinstance(event, RequestEnded):
             if message is None:
                 raise RpcFailedError(Status(StatusCode.INTERNAL, "no request message"))

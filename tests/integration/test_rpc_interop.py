@@ -35,6 +35,8 @@ import grpc
 import pytest
 import trio
 import trustme
+from google.protobuf.message import DecodeError
+from loguru import logger
 from purerpc.wrappers import extract_message_from_singleton_stream
 
 import proxy.rpc.client
@@ -970,6 +972,36 @@ async def test_handler_exceptions_reach_grpcio_as_statuses_without_tracebacks(so
             assert "Traceback" not in details
             # Nothing above broke the connection or the server.
             assert (await in_thread(grpc_unary, channel, "", timeout=5)).status == SERVING
+
+
+async def test_unparsable_request_gets_internal_with_the_reason_and_is_logged(sockdir):
+    """Bytes that are no request message (a tag with wire type 7 does not exist): INTERNAL, as
+    grpc-go and grpcio answer it, with protobuf's reason; one warning line, no traceback; the
+    connection goes on serving."""
+    garbage = b"\xff" * 8
+    with pytest.raises(DecodeError):
+        HealthCheckRequest.FromString(garbage)  # the case is what it claims to be
+    records: list[Any] = []
+    sink = logger.add(lambda message: records.append(message.record), level="WARNING")
+    path = f"{sockdir}/x.sock"
+    try:
+        async with layer_unix_server(path, RecordingHealth()):
+            with grpcio_channel(f"unix://{path}") as channel:
+                call = channel.unary_unary(
+                    f"/{SERVICE}/Check",
+                    request_serializer=lambda raw: raw,
+                    response_deserializer=HealthCheckResponse.FromString,
+                )
+                code, details, _ = await in_thread(grpc_error, partial(call, garbage, timeout=5))
+                print(f"{code.name}: {details}")
+                assert code == grpc.StatusCode.INTERNAL
+                assert details.startswith("could not parse HealthCheckRequest: ")
+                assert (await in_thread(grpc_unary, channel, "", timeout=5)).status == SERVING
+    finally:
+        logger.remove(sink)
+    [record] = [r for r in records if r["message"] == "request refused"]
+    assert record["extra"]["method"] == f"/{SERVICE}/Check" and record["extra"]["size"] == 8
+    assert record["exception"] is None
 
 
 async def test_handler_exceptions_reach_layer_client_as_rpc_errors(sockdir):
