@@ -53,6 +53,7 @@ demo: $(STAMP)
 # Figures, not pass/fail (root: throw-away network namespaces). See benchmarks/README.md.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.reconcile
+	$(BIN)/python -m benchmarks.failover
 
 # -- the container image (container/, docs/operations.md) ----------------------------------------
 # `make image` builds $(IMAGE) with podman, without any image registry: the base is a Debian

@@ -80,6 +80,18 @@ async def collect(topology: Topology) -> dict[str, Any]:
         health = await _safe(topology.health(), {})
     nexthops = await _safe(topology.nexthops(), []) if proxy_ns else []
     groups = await _groups(proxy_ns, nexthops, names)
+    if proxy_ns:
+        for version, gateways in (await _safe(topology.multipath_gateways(), {})).items():
+            groups[str(version)] = {
+                "id": None,
+                "type": "multipath",
+                "buckets": None,
+                "members": sorted(
+                    ({"lb": names.get(g, g), "gateway": g, "id": None, "buckets": None}
+                     for g in gateways),
+                    key=lambda m: str(m["lb"]),
+                ),
+            }  # fmt: skip
     rules = await _safe(topology.vip_rules(), []) if proxy_ns else []
     bridge = await _bridge(proxy_ns, lb_links, topology, target_links)
     document: dict[str, Any] = {
@@ -336,7 +348,7 @@ def render(document: dict[str, Any]) -> str:
             f"{m['lb']} {m['gateway']}" + (f" ({m['buckets']} buckets)" if m["buckets"] else "")
             for m in group["members"]
         )
-        rows.append([f"IPv{version}", str(group["id"]), group["type"], members])
+        rows.append([f"IPv{version}", str(group["id"] or "-"), group["type"], members])
     out += _table(["family", "group", "type", "members"], rows)
     out += ["", f"PROXY VIP RULES (table {PROXY_TABLE})"]
     rules = proxy["vip_rules"]

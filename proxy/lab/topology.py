@@ -920,7 +920,8 @@ class Topology:
 
     async def group_members(self) -> dict[int, list[str]]:
         """The proxy's egress nexthop group members per IP version, as LB names (a gateway no
-        LB holds is shown as the address itself)."""
+        LB holds is shown as the address itself); with legacy multipath egress
+        (NSM_EGRESS_MODE=multipath) the gateways of the default route in the proxy's table."""
         nexthops = await self.nexthops()
         names = await self.lb_addresses()
         by_id = {nh["id"]: nh for nh in nexthops}
@@ -930,7 +931,26 @@ class Topology:
                 gateway = by_id.get(member["id"], {}).get("gateway")
                 if gateway:
                     found.setdefault(_version(gateway), []).append(names.get(gateway, gateway))
+        multipath = await self.multipath_gateways()
+        for version, gateways in multipath.items():
+            found[version] += [names.get(gateway, gateway) for gateway in gateways]
         return {v: sorted(members) for v, members in found.items()}
+
+    async def multipath_gateways(self) -> dict[int, list[str]]:
+        """The gateways of the proxy's legacy multipath default routes (table PROXY_TABLE), per
+        IP version (empty with nexthop-object egress, whose routes name a group instead)."""
+        found: dict[int, list[str]] = {}
+        for version in self.families:
+            routes = await ip_json(
+                f"-{version}", "route", "show", "table", str(PROXY_TABLE), "default",
+                netns=self.netns("proxy"),
+            )  # fmt: skip
+            for route in routes:
+                if route.get("type", "unicast") != "unicast" or "nhid" in route:
+                    continue
+                hops = route.get("nexthops") or [route]
+                found[version] = [hop["gateway"] for hop in hops if "gateway" in hop]
+        return found
 
     async def vip_rules(self) -> list[dict[str, Any]]:
         """The proxy's `from <VIP> lookup <table>` rules (both families)."""
