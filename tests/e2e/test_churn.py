@@ -129,6 +129,11 @@ async def test_target_churn_leaves_nothing_behind(state_dir: Path) -> None:
                 cleaned,
                 NSM_LIFETIME + RELEASE_DELAY + SETTLE,
             )
+            # The lab's forwarder knows a target's namespace as /proc/<pid>/ns/net (the target
+            # names its own), so after a SIGKILL it cannot delete that veth pair: the proxy's
+            # end stays in its namespace, off the bridge, until the namespace goes.
+            now = await inventory(topology)
+            stray = sorted(now.links - now.ports - {"lo", "bridge0"})
             await topology.remove_target(crashed)
             for index, what in ((crashed, "namespace kept"), (deleted, "namespace deleted")):
                 print(
@@ -137,6 +142,7 @@ async def test_target_churn_leaves_nothing_behind(state_dir: Path) -> None:
                     f" {records_gone[index]:.1f}s (NSM lifetime {NSM_LIFETIME:g}s, release"
                     f" delay {RELEASE_DELAY:g}s)"
                 )
+            print(f"  interfaces off the bridge in the proxy's namespace then: {stray}")
             log = topology.log("proxy")
             for key in keys.values():
                 # Its own expiry or NSM's Close, whichever came first (both at the expiry of
