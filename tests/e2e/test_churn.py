@@ -107,6 +107,9 @@ async def test_target_churn_leaves_nothing_behind(state_dir: Path) -> None:
             keys = {index: target_key(f"tg{index}") for index in (crashed, deleted)}
             for key in keys.values():
                 removed |= owned_addresses(records, key)
+            # Whether the target names its namespace (`lab target --netns`) in its mechanism,
+            # rather than leaving NSM to find it through its process (below).
+            named = "--netns" in topology.state.processes[f"tg{crashed}"].argv
             for index in keys:
                 os.kill(topology.state.processes[f"tg{index}"].pid, signal.SIGKILL)
             killed_at = trio.current_time()
@@ -129,11 +132,21 @@ async def test_target_churn_leaves_nothing_behind(state_dir: Path) -> None:
                 cleaned,
                 NSM_LIFETIME + RELEASE_DELAY + SETTLE,
             )
-            # The lab's forwarder knows a target's namespace as /proc/<pid>/ns/net (the target
-            # names its own), so after a SIGKILL it cannot delete that veth pair: the proxy's
-            # end stays in its namespace, off the bridge, until the namespace goes.
-            now = await inventory(topology)
-            stray = sorted(now.links - now.ports - {"lo", "bridge0"})
+            # A target that does not name its namespace is known to the lab's forwarder as
+            # /proc/<pid>/ns/net, so after a SIGKILL it cannot delete that veth pair: the
+            # proxy's end stays in its namespace, off the bridge, until the namespace goes.
+            stray: list[str] = []
+
+            async def unbridged_gone() -> bool:
+                nonlocal stray
+                now = await inventory(topology)
+                stray = sorted(now.links - now.ports - {"lo", "bridge0"})
+                return not stray
+
+            if named:
+                await topology.wait_until("the dead target's veth deleted", unbridged_gone, SETTLE)
+            else:
+                await unbridged_gone()
             await topology.remove_target(crashed)
             for index, what in ((crashed, "namespace kept"), (deleted, "namespace deleted")):
                 print(
@@ -142,7 +155,10 @@ async def test_target_churn_leaves_nothing_behind(state_dir: Path) -> None:
                     f" {records_gone[index]:.1f}s (NSM lifetime {NSM_LIFETIME:g}s, release"
                     f" delay {RELEASE_DELAY:g}s)"
                 )
-            print(f"  interfaces off the bridge in the proxy's namespace then: {stray}")
+            print(
+                f"  interfaces off the bridge in the proxy's namespace then: {stray} (targets"
+                f" {'' if named else 'not '}started with --netns)"
+            )
             log = topology.log("proxy")
             for key in keys.values():
                 # Its own expiry or NSM's Close, whichever came first (both at the expiry of
