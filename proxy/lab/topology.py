@@ -14,7 +14,9 @@
   target's node-subnet address, which is only known once the target has connected: so the
   targets connect first and the LBs start with those routes (`--route`), which the LB keeps.
 * **tgN**: `meridio-proxy lab target`, each in its namespace, with its own VIPs (198.19.0.(N+1)/32
-  and 2001:db8:ff::(N+1)/128), which the topology also lists in the NSP configuration file.
+  and 2001:db8:ff::(N+1)/128), which the topology also lists in the NSP configuration file. A
+  target names its namespace in its request (`--netns`), so NSM can remove its interface even
+  after the target died.
 * **out**: the outside host: one veth per LB (`lbN`), the host addresses 198.18.200.1 and
   2001:db8:200::1 on each (and on lo), and the VIP ranges routed back over the LBs that are
   *advertised* (a multipath route; an LB is advertised once it routes every VIP, and an LB
@@ -154,6 +156,9 @@ class TopologySpec:
     proxy_env: Mapping[str, str] = attrs.field(factory=dict)  # NSM_* over the lab's own
     # The LBs' registration lifetime: how long a frozen LB stays registered, at most.
     lb_lifetime: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
+    # The NSM manager's connection lifetime: how long a client that died without closing
+    # keeps its connection (and the proxy its port and addresses), at most.
+    nsm_lifetime: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
     timeout: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))  # all of `up`
 
     def to_json(self) -> dict[str, Any]:
@@ -164,6 +169,7 @@ class TopologySpec:
             "families": list(self.families),
             "proxy_env": dict(self.proxy_env),
             "lb_lifetime": self.lb_lifetime,
+            "nsm_lifetime": self.nsm_lifetime,
             "timeout": self.timeout,
         }
 
@@ -177,6 +183,7 @@ class TopologySpec:
             state_dir=state_dir,
             proxy_env=dict(data.get("proxy_env", {})),
             lb_lifetime=data.get("lb_lifetime", 60.0),
+            nsm_lifetime=data.get("nsm_lifetime", 60.0),
             timeout=data.get("timeout", 60.0),
         )
 
@@ -629,7 +636,7 @@ class Topology:
         if peer == "nsp":
             config = str(self.directory / "nsp.json")
             return self._lab_argv("nsp", *listen, "--config", config)
-        return self._lab_argv("nsm", *listen)
+        return self._lab_argv("nsm", *listen, "--lifetime", f"{self.spec.nsm_lifetime:g}s")
 
     def _write_nsp_config(self) -> None:
         vips = [
@@ -686,6 +693,7 @@ class Topology:
         argv = self._lab_argv(
             "target", "--nsm", self.address("nsm"), "--name", target.name, "--node", NODE,
             "--service", PROXY_SERVICE, "--interface", TARGET_IFNAME, *vips,
+            "--netns", self.netns(target.name),
         )  # fmt: skip
         self._spawn(target.name, argv, self.netns(target.name))
 

@@ -9,8 +9,8 @@
   goes at once). The lab NSM manager closes a connection that was not refreshed when its own
   path segment expires (its `--lifetime`, 1m by default, renewed by each Request); its Close
   reaches the proxy, which releases the port and, after NSM_IP_RELEASE_DELAY, the addresses.
-  `TopologySpec` has no setting for that lifetime, so the lab here runs its NSM with a shorter
-  one (`ShortLifetimeTopology`).
+  The lab here runs its NSM with a shorter lifetime (`TopologySpec.nsm_lifetime`). The targets
+  name their namespace in their request, so NSM deletes a dead target's veth pair too.
 * Afterwards the proxy holds exactly what the remaining LBs and targets need (tests/e2e/
   inventory.py): the bridge ports and interfaces, the VIP rules, its table's two routes per
   family, no route or address of a removed target, and the IPAM records (bridge per family, a
@@ -51,15 +51,6 @@ CYCLES = 5
 SETTLE = 10.0  # for what follows a change at once (NSP polls its file, IPAM's release delay)
 
 
-class ShortLifetimeTopology(Topology):
-    """The lab with its NSM manager's connection lifetime at NSM_LIFETIME, so that a target that
-    died without closing is expired within seconds rather than a minute."""
-
-    def _peer_argv(self, peer: str) -> list[str]:
-        argv = super()._peer_argv(peer)
-        return [*argv, "--lifetime", f"{NSM_LIFETIME:g}s"] if peer == "nsm" else argv
-
-
 async def remove_and_wait(topology: Topology, index: int) -> float:
     """Remove target `index` and wait until the proxy has dropped its VIP rules; seconds."""
     started = trio.current_time()
@@ -79,7 +70,7 @@ def owned_addresses(records: dict[str, str], key: str) -> set[str]:
 
 
 async def test_target_churn_leaves_nothing_behind(state_dir: Path) -> None:
-    async with ShortLifetimeTopology.running(spec(state_dir)) as topology:
+    async with Topology.running(spec(state_dir, nsm_lifetime=NSM_LIFETIME)) as topology:
         removed: set[str] = set()  # addresses removed targets held (both ends of their veth)
         async with stream_set(topology, per_family=1, targets=[0, 1]) as streams:
             # Connect and disconnect, again and again.
@@ -107,9 +98,6 @@ async def test_target_churn_leaves_nothing_behind(state_dir: Path) -> None:
             keys = {index: target_key(f"tg{index}") for index in (crashed, deleted)}
             for key in keys.values():
                 removed |= owned_addresses(records, key)
-            # Whether the target names its namespace (`lab target --netns`) in its mechanism,
-            # rather than leaving NSM to find it through its process (below).
-            named = "--netns" in topology.state.processes[f"tg{crashed}"].argv
             for index in keys:
                 os.kill(topology.state.processes[f"tg{index}"].pid, signal.SIGKILL)
             killed_at = trio.current_time()
@@ -132,9 +120,8 @@ async def test_target_churn_leaves_nothing_behind(state_dir: Path) -> None:
                 cleaned,
                 NSM_LIFETIME + RELEASE_DELAY + SETTLE,
             )
-            # A target that does not name its namespace is known to the lab's forwarder as
-            # /proc/<pid>/ns/net, so after a SIGKILL it cannot delete that veth pair: the
-            # proxy's end stays in its namespace, off the bridge, until the namespace goes.
+            # The target named its namespace in its request, so NSM's forwarder deletes the
+            # veth pair of a dead target too: nothing stays in the proxy's namespace.
             stray: list[str] = []
 
             async def unbridged_gone() -> bool:
@@ -143,10 +130,7 @@ async def test_target_churn_leaves_nothing_behind(state_dir: Path) -> None:
                 stray = sorted(now.links - now.ports - {"lo", "bridge0"})
                 return not stray
 
-            if named:
-                await topology.wait_until("the dead target's veth deleted", unbridged_gone, SETTLE)
-            else:
-                await unbridged_gone()
+            await topology.wait_until("the dead target's veth deleted", unbridged_gone, SETTLE)
             await topology.remove_target(crashed)
             for index, what in ((crashed, "namespace kept"), (deleted, "namespace deleted")):
                 print(
@@ -155,10 +139,6 @@ async def test_target_churn_leaves_nothing_behind(state_dir: Path) -> None:
                     f" {records_gone[index]:.1f}s (NSM lifetime {NSM_LIFETIME:g}s, release"
                     f" delay {RELEASE_DELAY:g}s)"
                 )
-            print(
-                f"  interfaces off the bridge in the proxy's namespace then: {stray} (targets"
-                f" {'' if named else 'not '}started with --netns)"
-            )
             log = topology.log("proxy")
             for key in keys.values():
                 # Its own expiry or NSM's Close, whichever came first (both at the expiry of
