@@ -6,14 +6,13 @@ import ipaddress
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import attrs
 import pytest
 import trio
 import trio.testing
-from loguru import logger
 
 from proxy import rpc
 from proxy.api.networkservice import connection_grpc, networkservice_grpc
@@ -89,21 +88,6 @@ def make_endpoint(
         default_lifetime=60.0,
         allocation_timeout=5.0,
     )
-
-
-@pytest.fixture
-def warnings() -> Iterator[list[dict[str, Any]]]:
-    records: list[dict[str, Any]] = []
-    sink = logger.add(
-        lambda message: records.append(
-            {"message": message.record["message"], **message.record["extra"]}
-        ),
-        level="WARNING",
-    )
-    try:
-        yield records
-    finally:
-        logger.remove(sink)
 
 
 @attrs.define

@@ -21,7 +21,6 @@ from typing import Any
 import attrs
 import pytest
 import trio
-from loguru import logger
 
 from proxy.health import NOT_SERVING, NSP_CLIENT, SERVING, Health, follow_channel
 from proxy.kernel.router import RouterEvent, SetVips
@@ -48,21 +47,6 @@ def workdir() -> Iterator[str]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def warnings() -> Iterator[list[dict[str, Any]]]:
-    records: list[dict[str, Any]] = []
-    sink = logger.add(
-        lambda message: records.append(
-            {"message": message.record["message"], **message.record["extra"]}
-        ),
-        level="WARNING",
-    )
-    try:
-        yield records
-    finally:
-        logger.remove(sink)
 
 
 def write_config(path: str, vips: dict[str, str]) -> None:
