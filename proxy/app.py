@@ -54,7 +54,7 @@ from proxy.kernel.router import ConnectionsKnown, Router, RouterEvent
 from proxy.kernel.settings import bridge_mac, prepare
 from proxy.nsm.discovery import Discovery, LbEvent
 from proxy.nsm.endpoint import TargetEndpoint
-from proxy.nsm.mesh import Mesh, MeshSettings
+from proxy.nsm.mesh import Mesh, MeshSettings, connection_key_prefix
 from proxy.nsm.registration import Registration
 from proxy.rpc import Backoff, ReconnectingChannel, Server, TcpAddress, UnixAddress, parse_address
 from proxy.shutdown import Shutdown
@@ -259,6 +259,7 @@ async def _control_plane(
             router=router.clone(),
             default_lifetime=config.max_token_lifetime,
             allocation_timeout=config.request_timeout,
+            reserved_prefix=connection_key_prefix(config.name, config.network_service_name),
         )
         socket_path = f"{endpoint_dir}/listen.on"
         endpoint_health = HealthServicer(Health(probes={}))  # "" SERVING, as NSM's endpoints

@@ -11,6 +11,10 @@ expires is closed as NSM's timeout would: its port is released and its addresses
 IPAM after the release delay. Close does the same at once. MonitorConnections reports the
 connections at our hop. Labels are not checked: NSM used them to choose this endpoint.
 
+A target's key may not be one of the proxy's own LB connection keys (`reserved_prefix`): a
+request with such a key is refused and such a Close ignored, or a target could take, or
+release, an LB connection's addresses.
+
 A key (and so its addresses and port) is released only when no connection we know holds it:
 a Close for a connection we do not know, or the end of one of two connections of one target
 (a target that requested afresh before its old connection was closed), names a key that may be
@@ -119,9 +123,11 @@ class TargetEndpoint:
         router: trio.MemorySendChannel[RouterEvent],
         default_lifetime: float,
         allocation_timeout: float,
+        reserved_prefix: str,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.name = name
+        self.reserved_prefix = reserved_prefix  # the LB connections' keys: never a target's
         self.service_name = service_name
         self.mtu = mtu
         self._addresses = addresses
@@ -226,6 +232,11 @@ class TargetEndpoint:
             raise InvalidArgumentError(
                 "path segment 0 has no id (the client's identity, which keys its addresses)"
             )
+        if hop.first_id.startswith(self.reserved_prefix):
+            raise InvalidArgumentError(
+                f"path segment 0 id {hop.first_id[:80]!r} is one of this proxy's own"
+                " load-balancer connection keys"
+            )
         return hop, mechanism
 
     async def close(self, message: Connection, context: CallContext) -> Empty:
@@ -244,6 +255,12 @@ class TargetEndpoint:
                     conn_id=hop.connection.id or "-",
                     key=hop.first_id,
                     holder=holders[0],
+                )
+            elif hop.first_id.startswith(self.reserved_prefix):
+                logger.warning(
+                    "close naming a load-balancer connection's key ignored",
+                    conn_id=hop.connection.id or "-",
+                    key=hop.first_id,
                 )
             elif hop.first_id:  # (no id, no key: nothing could have been allocated for it)
                 # Not known here: a previous instance of the proxy served it (its table died

@@ -66,8 +66,13 @@ class MeshSettings:
     default_lifetime: float  # when the answer's path carries no expiry
 
 
+def connection_key_prefix(name: str, service: str) -> str:
+    """What every LB connection id (and so its IPAM key) starts with: `<name>-<service>-`."""
+    return f"{name}-{service}-"
+
+
 def connection_id(settings: MeshSettings, nse: str) -> str:
-    return f"{settings.name}-{settings.service}-{nse}"
+    return connection_key_prefix(settings.name, settings.service) + nse
 
 
 def time_left(connection: Connection, wall_now: float, default: float) -> float:

@@ -32,6 +32,7 @@ from proxy.watched import Watched
 
 pytestmark = pytest.mark.timeout(30)
 SERVICE = "proxy.conduit-a.trench-a.red"
+LB_KEYS = "proxy-a-conduit-a.trench-a.red-"  # what the proxy's own LB connection ids start with
 GATEWAYS = frozenset(
     {ipaddress.ip_interface("198.18.1.1/24"), ipaddress.ip_interface("2001:db8:1::1/64")}
 )
@@ -87,6 +88,7 @@ def make_endpoint(
         router=router,
         default_lifetime=60.0,
         allocation_timeout=5.0,
+        reserved_prefix=LB_KEYS,
     )
 
 
@@ -133,7 +135,9 @@ async def test_bad_requests_are_refused_with_a_reason(
         "no path": target_request(),
         "no id in the first segment": target_request(),
         "addresses that are not addresses": target_request(),
+        "an LB connection's key": target_request(),
     }
+    cases["an LB connection's key"].connection.path.path_segments[0].id = LB_KEYS + "lb-0"
     cases["no id"].connection.id = ""
     cases["no network service"].connection.network_service = ""
     cases["another network service"].connection.network_service = "proxy.conduit-b.trench-a.red"
@@ -202,6 +206,21 @@ async def test_two_connections_of_one_target_release_its_key_after_the_last(
     await served.stub.Close(new)
     assert served.addresses.released == ["target-a-red-0"]
     assert served.router.receive_nowait() == SetTargetPort(port.name, wanted=False)
+
+
+async def test_a_close_naming_an_lb_connections_key_is_ignored(
+    served: Served, warnings: list[dict[str, Any]]
+) -> None:
+    """The proxy's own LB connections hold keys in IPAM too; a Close from the target side must
+    never release one (a target could cut the node's egress over that LB)."""
+    forged = Connection(id=LB_KEYS + "lb-0", network_service=SERVICE)
+    forged.path.path_segments.append(PathSegment(name="target-a", id=forged.id))
+    forged.mechanism.type = "KERNEL"
+    await served.stub.Close(forged)
+    assert served.addresses.released == []
+    with pytest.raises(trio.WouldBlock):
+        served.router.receive_nowait()
+    assert [w["key"] for w in warnings] == [LB_KEYS + "lb-0"]
 
 
 async def test_a_close_without_ids_releases_nothing(served: Served) -> None:
@@ -291,6 +310,7 @@ async def test_an_unrefreshed_connection_expires_like_nsm_times_it_out(
         router=send,
         default_lifetime=60.0,
         allocation_timeout=5.0,
+        reserved_prefix=LB_KEYS,
         wall_clock=lambda: wall + trio.current_time(),
     )
     async with trio.open_nursery() as nursery:
