@@ -25,6 +25,7 @@ from proxy.rpc.client import (
 )
 from proxy.rpc.connection import Peer
 from proxy.rpc.server import CallContext, Server
+from proxy.rpc.tls import Tls
 
 __all__ = [
     "Address",
@@ -46,6 +47,7 @@ __all__ = [
     "Status",
     "StatusCode",
     "TcpAddress",
+    "Tls",
     "UnavailableError",
     "UnimplementedError",
     "UnixAddress",

@@ -46,6 +46,7 @@ from proxy.rpc.address import Address, UnixAddress, parse_address
 from proxy.rpc.backoff import Backoff
 from proxy.rpc.connection import Connection, Peer, RpcStream, StreamGone, unix_peer
 from proxy.rpc.status import encode_timeout
+from proxy.rpc.tls import Tls, as_tls
 from proxy.watched import Watched
 
 DRAIN_TIMEOUT = 1.0
@@ -59,9 +60,11 @@ class ConnectFailed(UnavailableError):  # type: ignore[misc]
 
 
 async def connect(
-    address: Address, ssl_context: ssl.SSLContext | None
+    address: Address, ssl_context: ssl.SSLContext | Tls | None
 ) -> tuple[trio.abc.Stream, Peer]:
-    """Open the transport; OSError and TLS errors come out as UnavailableError."""
+    """Open the transport; OSError and TLS errors, and a TLS peer that `Tls.refusal` refuses,
+    come out as UnavailableError."""
+    tls_settings = as_tls(ssl_context)
     stream: trio.abc.Stream
     peer = Peer(address=str(address))
     try:
@@ -75,9 +78,9 @@ async def connect(
             stream = await trio.open_tcp_stream(address.host, address.port)
     except OSError as exc:
         raise ConnectFailed(f"cannot connect to {address}: {exc.strerror or exc}") from None
-    if ssl_context is None:
+    if tls_settings is None:
         return stream, peer
-    tls = trio.SSLStream(stream, ssl_context, server_hostname=_server_hostname(address))
+    tls = trio.SSLStream(stream, tls_settings.context(), server_hostname=_server_hostname(address))
     try:
         await tls.do_handshake()
     except trio.BrokenResourceError as exc:
@@ -89,11 +92,16 @@ async def connect(
     if tls.selected_alpn_protocol() not in ("h2", None):
         await trio.aclose_forcefully(tls)
         raise ConnectFailed(f"{address} did not agree to HTTP/2 (ALPN)")
-    return tls, attrs.evolve(
+    peer = attrs.evolve(
         peer,
         certificate=tls.getpeercert(),
         certificate_der=tls.getpeercert(binary_form=True),
     )
+    refused = tls_settings.refusal(peer)
+    if refused is not None:
+        await trio.aclose_forcefully(tls)
+        raise ConnectFailed(f"TLS peer {address} refused: {refused}")
+    return tls, peer
 
 
 def _server_hostname(address: Address) -> str:
@@ -233,7 +241,7 @@ class Channel:
 async def open_channel(
     target: str | Address,
     *,
-    ssl_context: ssl.SSLContext | None = None,
+    ssl_context: ssl.SSLContext | Tls | None = None,
     connect_timeout: float = 5.0,
     keepalive: tuple[float, float] | None = None,
 ) -> AsyncIterator[Channel]:
@@ -325,7 +333,7 @@ class ReconnectingChannel:
         *,
         name: str,
         backoff: Backoff,
-        ssl_context: ssl.SSLContext | None = None,
+        ssl_context: ssl.SSLContext | Tls | None = None,
         connect_timeout: float = 5.0,
         keepalive: tuple[float, float] | None = None,
     ) -> None:

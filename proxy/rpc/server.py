@@ -43,6 +43,7 @@ from purerpc.grpclib.status import Status, StatusCode
 from purerpc.rpc import Cardinality
 
 from proxy.rpc.connection import Connection, Peer, RpcStream, StreamGone, unix_peer
+from proxy.rpc.tls import Tls, as_tls
 
 TLS_HANDSHAKE_TIMEOUT = 10.0
 _MESSAGE_LIMIT = 200  # characters of an exception message echoed to the client
@@ -95,7 +96,7 @@ class Server:
         path: str,
         *,
         mode: int = 0o660,
-        ssl_context: ssl.SSLContext | None = None,
+        ssl_context: ssl.SSLContext | Tls | None = None,
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on a UNIX socket at `path` until cancelled; the socket file is removed after."""
@@ -105,7 +106,7 @@ class Server:
             listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
             logger.debug("serving", address=f"unix://{path}")
             task_status.started(path)
-            handler = partial(self._serve_connection, ssl_context=ssl_context, unix=True)
+            handler = partial(self._serve_connection, tls=as_tls(ssl_context), unix=True)
             await trio.serve_listeners(handler, [listener])
         finally:
             sock.close()
@@ -116,7 +117,7 @@ class Server:
         host: str | None,
         port: int,
         *,
-        ssl_context: ssl.SSLContext | None = None,
+        ssl_context: ssl.SSLContext | Tls | None = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on exactly host:port (None: every address; port 0 picks one, reported by
@@ -126,7 +127,7 @@ class Server:
             bound = listeners[0].socket.getsockname()[1]
             logger.debug("serving", address=f"{host}:{bound}")
             task_status.started(bound)
-            handler = partial(self._serve_connection, ssl_context=ssl_context, unix=False)
+            handler = partial(self._serve_connection, tls=as_tls(ssl_context), unix=False)
             await trio.serve_listeners(handler, listeners)
         finally:
             for listener in listeners:
@@ -135,29 +136,34 @@ class Server:
     # -- connections ----------------------------------------------------------------------------
 
     async def _serve_connection(
-        self, stream: trio.SocketStream, *, ssl_context: ssl.SSLContext | None, unix: bool
+        self, stream: trio.SocketStream, *, tls: Tls | None, unix: bool
     ) -> None:
         peer = unix_peer(stream.socket) if unix else _tcp_peer(stream.socket)
         transport: trio.abc.Stream = stream
-        if ssl_context is not None:
-            tls = trio.SSLStream(stream, ssl_context, server_side=True)
+        if tls is not None:
+            secured = trio.SSLStream(stream, tls.context(), server_side=True)
             with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT) as handshake:
                 try:
-                    await tls.do_handshake()
+                    await secured.do_handshake()
                 except trio.BrokenResourceError as exc:
                     logger.warning("TLS handshake refused", peer=peer.address, reason=exc.__cause__)
-                    await trio.aclose_forcefully(tls)
+                    await trio.aclose_forcefully(secured)
                     return
             if handshake.cancelled_caught:
                 logger.warning("TLS handshake timed out", peer=peer.address)
-                await trio.aclose_forcefully(tls)
+                await trio.aclose_forcefully(secured)
                 return
             peer = attrs.evolve(
                 peer,
-                certificate=tls.getpeercert(),
-                certificate_der=tls.getpeercert(binary_form=True),
+                certificate=secured.getpeercert(),
+                certificate_der=secured.getpeercert(binary_form=True),
             )
-            transport = tls
+            refused = tls.refusal(peer)
+            if refused is not None:
+                logger.warning("TLS peer refused", peer=peer.address, reason=refused)
+                await trio.aclose_forcefully(secured)
+                return
+            transport = secured
         connection = Connection(transport, client_side=False, peer=peer)
         await connection.run(self._handle_call)
 

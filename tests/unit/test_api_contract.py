@@ -54,6 +54,7 @@ FILES: dict[str, str] = {
     "proxy/api/nsp/v1/configurationmanager.proto": "nsp.v1",
     "proxy/api/nsp/v1/targetregistry.proto": "nsp.v1",
     "proxy/api/ipam/v1/ipam.proto": "ipam.v1",
+    "proxy/api/workload/workload.proto": "",  # the SPIFFE Workload API has no package
 }
 
 MESSAGES: dict[str, dict[int, Field]] = {
@@ -288,6 +289,22 @@ MESSAGES: dict[str, dict[int, Field]] = {
         3: ("ipFamily", "enum:ipam.v1.IPFamily", ""),
     },
     "ipam.v1.Child": {1: ("name", "string", ""), 2: ("subnet", "msg:ipam.v1.Subnet", "")},
+    # SPIFFE Workload API, X.509 part (go-spiffe v2 workload.proto)
+    "X509SVIDRequest": {},
+    "X509SVIDResponse": {
+        1: ("svids", "msg:X509SVID", "rep"),
+        2: ("crl", "bytes", "rep"),
+        3: ("federated_bundles", "map<string,bytes>", "map"),
+    },
+    "X509SVID": {
+        1: ("spiffe_id", "string", ""),
+        2: ("x509_svid", "bytes", ""),
+        3: ("x509_svid_key", "bytes", ""),
+        4: ("bundle", "bytes", ""),
+        5: ("hint", "string", ""),
+    },
+    "X509BundlesRequest": {},
+    "X509BundlesResponse": {1: ("bundles", "map<string,bytes>", "map")},
 }
 
 # enum full name -> {number: value name}
@@ -311,6 +328,10 @@ EMPTY = "google.protobuf.Empty"
 
 # service full name -> {method name: (request, response, client streaming, server streaming)}
 SERVICES: dict[str, dict[str, Method]] = {
+    "SpiffeWorkloadAPI": {
+        "FetchX509SVID": ("X509SVIDRequest", "X509SVIDResponse", False, True),
+        "FetchX509Bundles": ("X509BundlesRequest", "X509BundlesResponse", False, True),
+    },
     "connection.MonitorConnection": {
         "MonitorConnections": (
             "connection.MonitorScopeSelector",
