@@ -6,6 +6,9 @@
   pending call with UNAVAILABLE at once.
 * `server_stream(stub.Method, request)` reads a server stream and resets it when the block is left
   early (purerpc's own iterator never tells the server).
+* On a UNIX socket, `channel.fds` passes file descriptors with the calls, as NSM's grpcfd does
+  (`fdpass`): `url = channel.fds.send_url("file:///proc/thread-self/ns/net")` before the call,
+  `await channel.fds.receive_fd(url)` for one the server sent back.
 * `ReconnectingChannel` keeps a channel up with jittered exponential backoff, and publishes its
   state (for the IPAMCli / NSPCli health of later issues).
 
@@ -45,6 +48,7 @@ import proxy
 from proxy.rpc.address import Address, UnixAddress, parse_address
 from proxy.rpc.backoff import Backoff
 from proxy.rpc.connection import Connection, Peer, RpcStream, StreamGone, unix_peer
+from proxy.rpc.fdpass import FdTransceiver, open_fd_stream
 from proxy.rpc.status import encode_timeout
 from proxy.rpc.tls import Tls, as_tls
 from proxy.watched import Watched
@@ -69,7 +73,8 @@ async def connect(
     peer = Peer(address=str(address))
     try:
         if isinstance(address, UnixAddress):
-            unix_stream = await trio.open_unix_socket(address.path)
+            # Able to carry file descriptors, under TLS too (grpcfd; `channel.fds`).
+            unix_stream = await open_fd_stream(address.path)
             # The server process (SO_PEERCRED): the lab's NSM manager finds an endpoint's
             # network namespace through its pid.
             peer = attrs.evolve(unix_peer(unix_stream.socket), address=str(address))
@@ -191,6 +196,11 @@ class Channel:
         self._grpc_socket = self
         self._host = "localhost"
         self._port = 0
+
+    @property
+    def fds(self) -> FdTransceiver | None:
+        """File descriptors to and from the server (`fdpass`); None unless on a UNIX socket."""
+        return self.connection.fds
 
     @property
     def usable(self) -> bool:

@@ -10,7 +10,8 @@ module does the I/O around it, which is where purerpc's own socket layer falls s
 * one writer task owns the socket, so a cancelled caller never leaves half a frame behind, and
   `send_message` waits for the bytes to be written (back-pressure, and the loop keeps breathing);
 * GOAWAY is sent when a connection is closed on purpose, and the transport is always closed;
-* optional HTTP/2 keepalive PINGs detect a peer that is gone without a FIN.
+* optional HTTP/2 keepalive PINGs detect a peer that is gone without a FIN;
+* on a UNIX socket (`fdpass.FdStream`, under TLS or not), `fds` passes file descriptors.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from purerpc.grpclib.events import (
 )
 from purerpc.grpclib.exceptions import ProtocolError
 from purerpc.grpclib.headers import sanitize_headers
+
+from proxy.rpc.fdpass import FdTransceiver, transceiver_of
 
 # How long a connection being closed on purpose may spend sending its GOAWAY.
 GOODBYE_TIMEOUT = 0.25
@@ -249,6 +252,8 @@ class Connection:
         self._transport = transport
         self.client_side = client_side
         self.peer = peer
+        # Descriptors passed with the calls (grpcfd); None unless the transport is an FdStream.
+        self.fds: FdTransceiver | None = transceiver_of(transport)
         self.max_message_length = max_message_length
         self._protocol = _Protocol(
             GRPCConfiguration(client_side=client_side, max_message_length=max_message_length)

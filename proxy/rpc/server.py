@@ -19,6 +19,9 @@ What purerpc's own `Server`/`ConnectionHandler` get wrong and this does instead
   and grpcio send: the gRPC status-code table lists "error parsing request proto" as INTERNAL),
   and is logged once without a traceback: the handler never saw it, so nobody else can.
 * Sockets are closed explicitly; a TLS handshake failure is logged once, without a traceback.
+* On a UNIX socket a handler passes file descriptors with its calls, as NSM's grpcfd does
+  (`fdpass`, under TLS too): `fd = await context.fds.receive_fd(url)` for one the request names,
+  `url = context.fds.send_path(path)` for one to name in the response.
 
 Only unary and server-streaming methods are served (all that NSM, IPAM, NSP and health use).
 """
@@ -43,6 +46,7 @@ from purerpc.grpclib.status import Status, StatusCode
 from purerpc.rpc import Cardinality
 
 from proxy.rpc.connection import Connection, Peer, RpcStream, StreamGone, unix_peer
+from proxy.rpc.fdpass import FdStream, FdTransceiver
 from proxy.rpc.tls import Tls, as_tls
 
 TLS_HANDSHAKE_TIMEOUT = 10.0
@@ -59,6 +63,8 @@ class CallContext:
     custom_metadata: tuple[tuple[str, str | bytes], ...]
     peer: Peer
     deadline: float  # trio time; inf when the client set none
+    # The connection's file descriptors (`fdpass`): None unless it came over a UNIX socket.
+    fds: FdTransceiver | None = None
 
     def metadata(self, key: str) -> str | bytes | None:
         """The first value of a metadata key, or None."""
@@ -139,9 +145,9 @@ class Server:
         self, stream: trio.SocketStream, *, tls: Tls | None, unix: bool
     ) -> None:
         peer = unix_peer(stream.socket) if unix else _tcp_peer(stream.socket)
-        transport: trio.abc.Stream = stream
+        transport: trio.abc.Stream = FdStream(stream.socket) if unix else stream
         if tls is not None:
-            secured = trio.SSLStream(stream, tls.context(), server_side=True)
+            secured = trio.SSLStream(transport, tls.context(), server_side=True)
             with trio.move_on_after(TLS_HANDSHAKE_TIMEOUT) as handshake:
                 try:
                     await secured.do_handshake()
@@ -182,6 +188,7 @@ class Server:
             custom_metadata=tuple(request.custom_metadata),
             peer=stream.connection.peer,
             deadline=deadline,
+            fds=stream.connection.fds,
         )
         status = Status(StatusCode.OK)
         with trio.CancelScope(deadline=deadline) as scope:
