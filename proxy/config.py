@@ -225,6 +225,12 @@ class EgressMode(StrEnum):
     MULTIPATH = "multipath"
 
 
+class IdentitySource(StrEnum):
+    SPIFFE = "spiffe"  # the SPIFFE Workload API (SPIRE), as upstream
+    FILES = "files"  # PEM files, reloaded when they change
+    INSECURE = "insecure"  # plain text: labs and tests only
+
+
 _LEVEL_SPELLINGS = {
     **{level.value: level for level in LogLevel},
     "WARN": LogLevel.WARNING,
@@ -276,6 +282,13 @@ def _structure_egress_mode(value: str, _: type) -> EgressMode:
         raise ValueError("unknown egress mode") from None
 
 
+def _structure_identity(value: str, _: type) -> IdentitySource:
+    try:
+        return IdentitySource(value.lower())
+    except ValueError:
+        raise ValueError("unknown identity source") from None
+
+
 def _structure_format(value: str, _: type) -> LogFormat:
     try:
         return LogFormat(value.lower())
@@ -290,6 +303,7 @@ _converter.register_structure_hook(IpFamily, _structure_family)
 _converter.register_structure_hook(LogLevel, _structure_level)
 _converter.register_structure_hook(LogFormat, _structure_format)
 _converter.register_structure_hook(EgressMode, _structure_egress_mode)
+_converter.register_structure_hook(IdentitySource, _structure_identity)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,6 +376,19 @@ def _check_unix_address(value: str) -> str | None:
 
 def _check_config_file(value: str) -> str | None:
     return None if not value or value.startswith("/") else "not an absolute path"
+
+
+def _check_authorized_ids(value: str) -> str | None:
+    if not value:
+        return None
+    from proxy.security.spiffe import IdentityError
+    from proxy.security.tls import Authorizer
+
+    try:
+        Authorizer.parse(value.split(","))
+    except IdentityError as exc:
+        return str(exc)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,6 +706,78 @@ class Config:
             check=_check_non_negative,
         ),
     )
+    identity: IdentitySource = _field(
+        IdentitySource,
+        Var(
+            "NSM_IDENTITY",
+            "spiffe|files|insecure",
+            "spiffe",
+            "Where the X.509 identity for mutual TLS with NSM, IPAM and NSP (and the targets)"
+            " comes from: the SPIFFE Workload API (SPIFFE_ENDPOINT_SOCKET), PEM files"
+            " (NSM_TLS_*_FILE), or insecure: plain text, for labs and tests only.",
+            "spiffe, files or insecure (any case)",
+        ),
+    )
+    spiffe_endpoint_socket: str = _field(
+        str,
+        Var(
+            "SPIFFE_ENDPOINT_SOCKET",
+            "address",
+            "unix:///run/spire/sockets/agent.sock",
+            "The SPIFFE Workload API (the SPIRE agent's socket), with NSM_IDENTITY=spiffe.",
+            "unix:///absolute/path",
+            check=_check_unix_address,
+        ),
+    )
+    tls_cert_file: str = _field(
+        str,
+        Var(
+            "NSM_TLS_CERT_FILE",
+            "path",
+            "",
+            "With NSM_IDENTITY=files: the X.509-SVID certificate chain, PEM, the leaf first.",
+            "an absolute path",
+            check=_check_config_file,
+            allow_empty=True,
+        ),
+    )
+    tls_key_file: str = _field(
+        str,
+        Var(
+            "NSM_TLS_KEY_FILE",
+            "path",
+            "",
+            "With NSM_IDENTITY=files: the SVID's private key, PEM (EC P-256 for NSM's tokens).",
+            "an absolute path",
+            check=_check_config_file,
+            allow_empty=True,
+        ),
+    )
+    tls_bundle_file: str = _field(
+        str,
+        Var(
+            "NSM_TLS_BUNDLE_FILE",
+            "path",
+            "",
+            "With NSM_IDENTITY=files: the trust bundle, PEM CA certificates.",
+            "an absolute path",
+            check=_check_config_file,
+            allow_empty=True,
+        ),
+    )
+    authorized_ids: str = _field(
+        str,
+        Var(
+            "NSM_AUTHORIZED_IDS",
+            "list",
+            "",
+            "Peers accepted over mutual TLS, comma-separated: SPIFFE IDs (spiffe://domain/path)"
+            " and trust domains (any ID in it); empty: any ID of the proxy's own trust domain.",
+            "comma-separated SPIFFE IDs or trust domains, or empty",
+            check=_check_authorized_ids,
+            allow_empty=True,
+        ),
+    )
     config_file: str = _field(
         str,
         Var(
@@ -765,6 +864,13 @@ def load(env: Mapping[str, str]) -> Config:
         mtu_var: Var = fields[index].metadata[_META]
         name, raw = _lookup(env, mtu_var) or (mtu_var.env, "")
         bad.append((index, mtu_var, name, raw, "out of range"))
+
+    # Files as the identity source need all three files.
+    if values.get("identity") is IdentitySource.FILES:
+        for index, field in enumerate(fields):
+            file_var: Var = field.metadata[_META]
+            if file_var.env.startswith("NSM_TLS_") and not values.get(field.name):
+                bad.append((index, file_var, file_var.env, None, "not set (NSM_IDENTITY=files)"))
 
     if bad:
         context = {"mtu_min": mtu_minimum(family), "family": family.value}

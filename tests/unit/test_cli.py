@@ -53,6 +53,12 @@ NEW_VARIABLES = [
     "NSM_HEALTH_TCP_ADDRESS",
     "NSM_LOG_FORMAT",
     "NSM_SHUTDOWN_TIMEOUT",
+    "NSM_IDENTITY",
+    "SPIFFE_ENDPOINT_SOCKET",
+    "NSM_TLS_CERT_FILE",
+    "NSM_TLS_KEY_FILE",
+    "NSM_TLS_BUNDLE_FILE",
+    "NSM_AUTHORIZED_IDS",
 ]
 
 
@@ -73,7 +79,8 @@ def _fake_module(monkeypatch: pytest.MonkeyPatch, name: str, main: object) -> No
 def _help_lines(text: str) -> dict[str, str]:
     """Variable name -> its heading line in --help."""
     lines = [line.strip() for line in text.splitlines()]
-    return {line.split()[0].rstrip(","): line for line in lines if line.startswith("NSM_")}
+    names = ("NSM_", "SPIFFE_")
+    return {line.split()[0].rstrip(","): line for line in lines if line.startswith(names)}
 
 
 def test_help_lists_every_variable_of_the_metadata() -> None:

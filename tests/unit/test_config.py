@@ -11,6 +11,7 @@ from proxy import config
 from proxy.config import (
     Config,
     ConfigError,
+    IdentitySource,
     IpFamily,
     LogFormat,
     LogLevel,
@@ -215,6 +216,12 @@ NEW_DEFAULTS = {
     "NSM_ECMP_BUCKETS": 128,
     "NSM_ECMP_IDLE_TIMER": 5.0,
     "NSM_ECMP_UNBALANCED_TIMER": 60.0,
+    "NSM_IDENTITY": "spiffe",
+    "SPIFFE_ENDPOINT_SOCKET": "unix:///run/spire/sockets/agent.sock",  # go-spiffe reads it so
+    "NSM_TLS_CERT_FILE": "",
+    "NSM_TLS_KEY_FILE": "",
+    "NSM_TLS_BUNDLE_FILE": "",
+    "NSM_AUTHORIZED_IDS": "",
 }
 
 
@@ -245,7 +252,7 @@ def test_variables_are_unique_and_documented() -> None:
     names = [var.env for var in config.variables()]
     assert len(names) == len(set(names)) == len(attrs.fields(Config))
     for var in config.variables():
-        assert var.env.startswith("NSM_")
+        assert var.env.startswith("NSM_") or var.env == "SPIFFE_ENDPOINT_SOCKET"
         assert var.help.endswith(".")
         assert "\n" not in var.help
     reloadable = {var.env for var in config.variables() if var.reloadable}
@@ -559,3 +566,38 @@ def test_nsp_address_is_built_as_upstream_unless_given() -> None:
     assert built.nsp_address == "nsp-service-red.ns:7778"
     given = load({"NSM_HOST": "n", "NSM_NSP_SERVICE": "unix:///run/nsp.sock"})
     assert given.nsp_address == "unix:///run/nsp.sock"
+
+
+def test_identity_sources() -> None:
+    assert load({"NSM_HOST": "n"}).identity is IdentitySource.SPIFFE
+    assert load({"NSM_HOST": "n", "NSM_IDENTITY": "Insecure"}).identity is IdentitySource.INSECURE
+    files = {
+        "NSM_HOST": "n",
+        "NSM_IDENTITY": "files",
+        "NSM_TLS_CERT_FILE": "/etc/proxy/svid.pem",
+        "NSM_TLS_KEY_FILE": "/etc/proxy/svid.key",
+        "NSM_TLS_BUNDLE_FILE": "/etc/proxy/bundle.pem",
+    }
+    assert load(files).tls_bundle_file == "/etc/proxy/bundle.pem"
+    with pytest.raises(ConfigError) as missing:
+        load({**files, "NSM_TLS_KEY_FILE": ""})
+    assert missing.value.problems == [
+        "NSM_TLS_KEY_FILE is not set (NSM_IDENTITY=files); expected an absolute path"
+    ]
+    with pytest.raises(ConfigError) as bad:
+        load({"NSM_HOST": "n", "NSM_IDENTITY": "spire", "SPIFFE_ENDPOINT_SOCKET": "/x.sock"})
+    assert bad.value.problems == [
+        "NSM_IDENTITY='spire': unknown identity source; expected spiffe, files or insecure"
+        " (any case)",
+        "SPIFFE_ENDPOINT_SOCKET='/x.sock': not unix://; expected unix:///absolute/path",
+    ]
+
+
+def test_authorized_ids() -> None:
+    ids = "spiffe://example.org/ns/x/sa/nsmgr, other.example"
+    assert load({"NSM_HOST": "n", "NSM_AUTHORIZED_IDS": ids}).authorized_ids == ids
+    with pytest.raises(ConfigError) as bad:
+        load({"NSM_HOST": "n", "NSM_AUTHORIZED_IDS": "spiffe://Example.org/x"})
+    [problem] = bad.value.problems
+    assert problem.startswith("NSM_AUTHORIZED_IDS='spiffe://Example.org/x': ")
+    assert "lower-case" in problem
