@@ -18,7 +18,8 @@ finds it by that pair. This module does it on trio:
 * Pure helpers for the URL forms: `inode://dev/ino` (`format_inode_url`, `parse_inode_url`) and
   the local `file://path` (a mechanism's inodeURL) and `unix://path` (an endpoint URL) forms
   (`path_of_url`, `inode_url_of`), and `proc_fd_url` for the path a received descriptor is
-  reachable at (`/proc/<pid>/fd/<n>`, what NSM's recvfd hands on).
+  reachable at (`/proc/<pid>/fd/<n>`, what NSM's recvfd hands on), `reopen_fd` to turn a received
+  O_PATH descriptor into one setns(2) accepts.
 
 What edwarnicke/grpcfd (connwrap.go, connwrap_linux.go, url.go) does, and this follows:
 
@@ -128,6 +129,13 @@ def inode_url_of_fd(fd: int) -> str:
 def inode_url_of(url: str) -> str:
     """`inode://` of the file a `file://` or `unix://` URL names (grpcfd's FilenameToURL)."""
     return inode_url_of_path(path_of_url(url))
+
+
+def reopen_fd(fd: int, flags: int = os.O_RDONLY) -> int:
+    """A new open of the file `fd` refers to, through `/proc/self/fd/<fd>`: what a descriptor
+    opened O_PATH (all that `send_path` sends, as grpcfd does) needs before setns(2) or a read,
+    which refuse O_PATH descriptors (EBADF)."""
+    return os.open(f"/proc/self/fd/{fd}", flags | os.O_CLOEXEC)
 
 
 def proc_fd_url(fd: int, scheme: str = "file") -> str:
