@@ -40,10 +40,7 @@ import attrs
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric.types import (
-    CertificatePublicKeyTypes,
-    PrivateKeyTypes,
-)
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
@@ -216,7 +213,7 @@ def decode(token: str) -> Claims:
     return claims
 
 
-def verify(token: str, public_key: CertificatePublicKeyTypes) -> Claims:
+def verify(token: str, public_key: PublicKeyTypes) -> Claims:
     """The claims of `token` once its ES256 signature checks out with `public_key`.
 
     Checks the form (as `decode`), that the header says ES256, and the signature; not `exp`
