@@ -56,7 +56,17 @@ from proxy.nsm.discovery import Discovery, LbEvent
 from proxy.nsm.endpoint import TargetEndpoint
 from proxy.nsm.mesh import Mesh, MeshSettings, connection_key_prefix
 from proxy.nsm.registration import Registration
-from proxy.rpc import Backoff, ReconnectingChannel, Server, TcpAddress, UnixAddress, parse_address
+from proxy.rpc import (
+    Backoff,
+    ReconnectingChannel,
+    Server,
+    TcpAddress,
+    Tls,
+    UnixAddress,
+    parse_address,
+)
+from proxy.security.identity import start_identity
+from proxy.security.tls import SpiffeTls
 from proxy.shutdown import Shutdown
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
@@ -179,19 +189,31 @@ async def run_proxy(config: Config, health: Health, shutdown: Shutdown) -> int:
             if starting.cancelled_caught:
                 kernel.cancel_scope.cancel()
                 return EXIT_OK
+            with shutdown.until_stopping() as waiting:
+                tls = await start_identity(config, kernel)
+            if waiting.cancelled_caught:
+                kernel.cancel_scope.cancel()
+                return EXIT_OK
             router_events, router_inbox = trio.open_memory_channel[RouterEvent](ROUTER_BUFFER)
             router = Router(worker, scope, bridge_mac(config), interval=config.reconcile_interval)
             await kernel.start(LinkMonitor(worker, router_events.clone()).run)
             await kernel.start(router.run, router_inbox)
             kernel.start_soon(follow_egress, router, health)
-            ipam_channel = ipam.ipam_channel(config)
+            ipam_channel = ipam.ipam_channel(config, tls.client() if tls else None)
             await kernel.start(ipam_channel.run)
             kernel.start_soon(follow_channel, ipam_channel, health, IPAM_CLIENT)
             addresses = ipam.IpamClient.from_config(config, ipam_channel)
             await kernel.start(addresses.run)
             with shutdown.until_stopping():
                 await _control_plane(
-                    config, health, shutdown, router_events, ipam_channel, addresses, endpoint_dir
+                    config,
+                    health,
+                    shutdown,
+                    router_events,
+                    ipam_channel,
+                    addresses,
+                    endpoint_dir,
+                    tls,
                 )
             with shutdown.cleanup(config.shutdown_timeout):
                 await addresses.flush()
@@ -209,13 +231,20 @@ async def _control_plane(
     ipam_channel: ReconnectingChannel,
     addresses: ipam.IpamClient,
     endpoint_dir: str,
+    tls: SpiffeTls | None,
 ) -> None:
-    """Everything that talks to IPAM, NSP and NSM; cancelled first when stopping."""
+    """Everything that talks to IPAM, NSP and NSM (over mutual TLS with `tls`, plain text
+    without); cancelled first when stopping."""
     backoff = Backoff(maximum=config.grpc_max_backoff)
+    client_tls = tls.client() if tls else None
     async with trio.open_nursery() as plane:
-        nsp_channel = nsp.nsp_channel(config)
+        nsp_channel = nsp.nsp_channel(config, client_tls)
         nsm_channel = ReconnectingChannel(
-            config.connect_to, name="nsm", backoff=backoff, connect_timeout=config.dial_timeout
+            config.connect_to,
+            name="nsm",
+            backoff=backoff,
+            connect_timeout=config.dial_timeout,
+            ssl_context=client_tls,
         )
         for channel in (nsp_channel, nsm_channel):
             await plane.start(channel.run)
@@ -263,10 +292,15 @@ async def _control_plane(
         )
         socket_path = f"{endpoint_dir}/listen.on"
         endpoint_health = HealthServicer(Health(probes={}))  # "" SERVING, as NSM's endpoints
-        await plane.start(Server([*endpoint.servicers(), endpoint_health]).serve_unix, socket_path)
+        endpoint_server = Server([*endpoint.servicers(), endpoint_health])
+        await plane.start(
+            partial(
+                endpoint_server.serve_unix, socket_path, ssl_context=tls.server() if tls else None
+            )
+        )
         await plane.start(endpoint.run)
         url = f"unix://{socket_path}"
-        plane.start_soon(probe_endpoint, url, health, config.grpc_probe_rpc_timeout)
+        plane.start_soon(probe_endpoint, url, health, config.grpc_probe_rpc_timeout, client_tls)
         registration = Registration(
             nsm_channel,
             name=config.name,
@@ -293,11 +327,14 @@ async def follow_egress(router: Router, health: Health) -> None:
         installed = await router.egress.wait_change(installed)
 
 
-async def probe_endpoint(url: str, health: Health, rpc_timeout: float) -> None:
-    """NSMEndpoint: a health Check of our own endpoint socket every 5 s (upstream's probe)."""
+async def probe_endpoint(
+    url: str, health: Health, rpc_timeout: float, tls: Tls | None = None
+) -> None:
+    """NSMEndpoint: a health Check of our own endpoint socket every 5 s (upstream's probe,
+    which speaks mutual TLS with the SVID as the endpoint does)."""
     while True:
         with trio.move_on_after(PROBE_BUDGET):
-            answer = await probe.ask(url, "", PROBE_CONNECT_TIMEOUT, rpc_timeout)
+            answer = await probe.ask(url, "", PROBE_CONNECT_TIMEOUT, rpc_timeout, tls)
             health.set(NSM_ENDPOINT, answer.code == probe.EXIT_SERVING)
         await trio.sleep(PROBE_INTERVAL)
 

@@ -61,7 +61,7 @@ from proxy.ipam_model import (
 )
 from proxy.kernel.model import Family, IPInterface
 from proxy.kernel.router import RouterEvent, SetBridgeAddresses
-from proxy.rpc import Backoff, ChannelState, ReconnectingChannel
+from proxy.rpc import Backoff, ChannelState, ReconnectingChannel, Tls
 from proxy.watched import Watched
 
 __all__ = [
@@ -113,13 +113,15 @@ def owner_of(config: Config) -> Owner:
     return Owner(config.trench, config.conduit, config.host, families_of(config.ip_family))
 
 
-def ipam_channel(config: Config) -> ReconnectingChannel:
-    """The channel to NSM_IPAM_SERVICE (run it with `nursery.start(channel.run)`)."""
+def ipam_channel(config: Config, tls: Tls | None = None) -> ReconnectingChannel:
+    """The channel to NSM_IPAM_SERVICE, over mutual TLS with `tls` (run it with
+    `nursery.start(channel.run)`)."""
     return ReconnectingChannel(
         config.ipam_service,
         name="ipam",
         backoff=_backoff(config.grpc_max_backoff),
         keepalive=(config.grpc_keepalive_time, KEEPALIVE_TIMEOUT),
+        ssl_context=tls,
     )
 
 

@@ -57,7 +57,7 @@ from proxy.api.nsp.v1.model_pb2 import Trench, Vip
 from proxy.config import Config
 from proxy.kernel.model import IPNetwork
 from proxy.kernel.router import RouterEvent, SetVips
-from proxy.rpc import Backoff, ReconnectingChannel, RpcFailedError, server_stream
+from proxy.rpc import Backoff, ReconnectingChannel, RpcFailedError, Tls, server_stream
 from proxy.watched import Watched
 
 RETRY_DELAY = 0.5  # upstream's fixed wait before watching again; here the backoff's start
@@ -132,15 +132,16 @@ def parse_vips(addresses: Iterable[str]) -> tuple[frozenset[IPNetwork], list[tup
     return frozenset(valid), list(rejected.items())
 
 
-def nsp_channel(config: Config) -> ReconnectingChannel:
+def nsp_channel(config: Config, tls: Tls | None = None) -> ReconnectingChannel:
     """The NSP connection as upstream dials it (step 8): `<service>-<trench>.<namespace>:<port>`,
-    backoff capped by NSM_GRPC_MAX_BACKOFF, keepalive every NSM_GRPC_KEEPALIVE_TIME. (TLS comes
-    with the security issue.)"""
+    backoff capped by NSM_GRPC_MAX_BACKOFF, keepalive every NSM_GRPC_KEEPALIVE_TIME, mutual TLS
+    with `tls`."""
     return ReconnectingChannel(
         config.nsp_address,
         name="nsp",
         backoff=Backoff(maximum=config.grpc_max_backoff),
         keepalive=(config.grpc_keepalive_time, KEEPALIVE_TIMEOUT),
+        ssl_context=tls,
     )
 
 

@@ -27,6 +27,7 @@ from proxy.rpc import (
     ConnectFailed,
     RpcFailedError,
     StatusCode,
+    Tls,
     open_channel,
     parse_address,
 )
@@ -72,10 +73,19 @@ class Answer:
     to_stderr: bool
 
 
-async def ask(address: str, service: str, connect_timeout: float, rpc_timeout: float) -> Answer:
-    """One Check of `service` at `address`: its answer as an exit status and a message."""
+async def ask(
+    address: str,
+    service: str,
+    connect_timeout: float,
+    rpc_timeout: float,
+    tls: Tls | None = None,
+) -> Answer:
+    """One Check of `service` at `address` (over `tls` if given): its answer as an exit status
+    and a message."""
     try:
-        async with open_channel(address, connect_timeout=connect_timeout) as channel:
+        async with open_channel(
+            address, connect_timeout=connect_timeout, ssl_context=tls
+        ) as channel:
             with trio.fail_after(rpc_timeout):
                 reply = await health_grpc.HealthStub(channel).Check(
                     HealthCheckRequest(service=service)

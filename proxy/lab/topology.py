@@ -659,6 +659,7 @@ class Topology:
         return {
             "NSM_NAME": self.proxy_name,
             "NSM_HOST": NODE,
+            "NSM_IDENTITY": "insecure",  # the lab's quick mode: its peers speak plain text
             "NSM_TRENCH": TRENCH,
             "NSM_CONDUIT": CONDUIT,
             "NSM_NAMESPACE": NAMESPACE,

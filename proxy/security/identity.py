@@ -18,6 +18,7 @@ keep theirs.
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -27,6 +28,7 @@ from loguru import logger
 
 from proxy.api.workload.workload_grpc import SpiffeWorkloadAPIStub
 from proxy.api.workload.workload_pb2 import X509SVIDRequest
+from proxy.config import Config, IdentitySource
 from proxy.rpc import Backoff, ConnectFailed, RpcFailedError, open_channel, server_stream
 from proxy.security.spiffe import (
     Bundle,
@@ -36,6 +38,7 @@ from proxy.security.spiffe import (
     certificate_spiffe_id,
     identity_from_response,
 )
+from proxy.security.tls import Authorizer, SpiffeTls
 from proxy.watched import Watched
 
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "follow_files",
     "follow_workload_api",
     "read_files",
+    "start_identity",
 ]
 
 DEFAULT_WORKLOAD_API = "unix:///run/spire/sockets/agent.sock"  # upstream's deployments
@@ -206,3 +210,37 @@ async def follow_files(
                     started = True
                     task_status.started()
         await trio.sleep(interval)
+
+
+# -- from the configuration ------------------------------------------------------------------------
+
+
+async def start_identity(config: Config, nursery: trio.Nursery) -> SpiffeTls | None:
+    """The identity source NSM_IDENTITY names, started in `nursery` (returns once the first
+    identity is in), and the mutual-TLS settings that follow it; None for plain text."""
+    if config.identity is IdentitySource.INSECURE:
+        logger.warning(
+            "PLAIN TEXT: NSM_IDENTITY=insecure: no peer is authenticated and nothing is"
+            " encrypted; for labs and tests only"
+        )
+        return None
+    identity: Watched[Identity | None] = Watched(None)
+    if config.identity is IdentitySource.SPIFFE:
+        address = config.spiffe_endpoint_socket
+        logger.info("waiting for the first SVID", source="workload-api", address=address)
+        follow = partial(
+            follow_workload_api, address, identity, max_backoff=config.grpc_max_backoff
+        )
+    else:
+        cert, key, bundle = (
+            Path(config.tls_cert_file),
+            Path(config.tls_key_file),
+            Path(config.tls_bundle_file),
+        )
+        logger.info("reading the identity", source="files", files=f"{cert}, {key}, {bundle}")
+        follow = partial(follow_files, cert, key, bundle, identity)
+    await nursery.start(follow)
+    listed = config.authorized_ids
+    tls = SpiffeTls(identity, Authorizer.parse(listed.split(",")) if listed else None)
+    logger.info("mutual TLS", authorized=tls.authorizer().describe())
+    return tls

@@ -271,6 +271,7 @@ LAB_ENV = {
     "NSM_REQUEST_TIMEOUT": "5s",
     "NSM_IP_RELEASE_DELAY": "1s",
     "NSM_MAX_TOKEN_LIFETIME": "1m",
+    "NSM_IDENTITY": "insecure",  # the lab's peers speak plain text here
 }
 
 

@@ -73,6 +73,7 @@ def start_proxy(directory: Path, **env: str) -> RunningProxy:
     environment = {
         "PATH": os.environ["PATH"],
         "NSM_HOST": "node-a",
+        "NSM_IDENTITY": "insecure",
         "NSM_HEALTH_ADDRESS": f"unix://{socket_path}",
         "NSM_LOG_FORMAT": "json",
         **env,
@@ -260,3 +261,51 @@ def test_a_stale_socket_file_is_replaced(workdir: Path) -> None:
         assert probe("-addr", running.address).returncode == 0
     finally:
         stop(running)
+
+
+def test_without_a_workload_api_it_waits_for_an_identity_and_still_stops_cleanly(
+    workdir: Path,
+) -> None:
+    """NSM_IDENTITY=spiffe (the default) with no SPIRE agent: the proxy says what it waits for,
+    reports Readiness NOT_SERVING (it has no peer yet), and a SIGTERM still stops it with 0."""
+    agent = workdir / "agent.sock"
+    proxy = start_proxy(workdir, NSM_IDENTITY="spiffe", SPIFFE_ENDPOINT_SOCKET=f"unix://{agent}")
+    try:
+        proxy.wait_for_log('"message": "Workload API unavailable"')
+        readiness = probe("-addr", f"unix://{proxy.socket_path}", "-service", "Readiness")
+        assert readiness.returncode == 1
+        proxy.process.send_signal(signal.SIGTERM)
+        assert proxy.process.wait(timeout=10) == 0
+    finally:
+        stop(proxy)
+    [waiting] = [r for r in log_records(proxy) if r["message"] == "Workload API unavailable"]
+    assert str(agent) in json.dumps(waiting)
+
+
+def test_with_identity_files_it_starts_with_mutual_tls(workdir: Path) -> None:
+    """NSM_IDENTITY=files: the SVID is read, named in the log, and the proxy goes on (to its
+    peers, which are absent here)."""
+    from proxy.lab.spiffe_ca import LabCa
+
+    cert, key, bundle = LabCa.create("lab.example").write_files(workdir, "/proxy")
+    proxy = start_proxy(
+        workdir,
+        NSM_IDENTITY="files",
+        NSM_TLS_CERT_FILE=str(cert),
+        NSM_TLS_KEY_FILE=str(key),
+        NSM_TLS_BUNDLE_FILE=str(bundle),
+    )
+    try:
+        proxy.wait_for_log('"message": "mutual TLS"')
+        proxy.process.send_signal(signal.SIGTERM)
+        assert proxy.process.wait(timeout=10) == 0
+    finally:
+        stop(proxy)
+    records = {r["message"]: r for r in log_records(proxy)}
+    assert "spiffe://lab.example/proxy" in json.dumps(records["identity"])
+    assert "spiffe://lab.example (any ID)" in json.dumps(records["mutual TLS"])
+
+
+def test_insecure_is_said_loudly(proxy: RunningProxy) -> None:
+    [warning] = [r for r in log_records(proxy) if str(r["message"]).startswith("PLAIN TEXT")]
+    assert warning["severity"] == "warning"

@@ -118,6 +118,7 @@ def proxy_env(lab: Lab) -> dict[str, str]:
     return {
         "NSM_NAME": "proxy-a",
         "NSM_HOST": NODE,
+        "NSM_IDENTITY": "insecure",  # (the lab peers here speak plain text)
         "NSM_TRENCH": TRENCH,
         "NSM_CONDUIT": CONDUIT,
         "NSM_NAMESPACE": NAMESPACE,
