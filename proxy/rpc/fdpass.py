@@ -37,9 +37,12 @@ What edwarnicke/grpcfd (connwrap.go, connwrap_linux.go, url.go) does, and this f
   the wait with the call's context, here the caller's trio deadline.
 * When the connection closes, every descriptor held or still queued is closed and waiters fail.
 
-Beyond grpcfd: at most `max_held` distinct descriptors are held per connection (a peer cannot
-exhaust ours; more are closed and logged), descriptors a short ancillary buffer cut off
-(MSG_CTRUNC) are logged, and `release(url)` lets a holder close one it no longer needs.
+Beyond grpcfd, which holds every descriptor until the connection closes: at most `max_held`
+distinct ones are held per connection, and one more makes room by closing the one least recently
+received or asked for (a long-lived connection, nsmgr's to our endpoint, sees a namespace per
+target over its life; a peer flooding us only evicts its own). `release(url)` closes one its
+holder no longer needs (a connection's Close). Descriptors a short ancillary buffer cut off
+(MSG_CTRUNC) are logged.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ import trio
 from loguru import logger
 
 RECEIVE_SIZE = 65536
-MAX_HELD = 1024  # distinct descriptors one connection may leave with us
+MAX_HELD = 256  # distinct descriptors held for one connection (least recently used go first)
 SCM_MAX_FD = 253  # the kernel's limit of descriptors in one SCM_RIGHTS message
 _INT = array.array("i").itemsize
 ANCILLARY_SIZE = socket.CMSG_SPACE(SCM_MAX_FD * _INT)
@@ -157,8 +160,9 @@ class FdTransceiver:
         self._arrived: dict[tuple[int, int], trio.Event] = {}
         self._closed = False
         self.sent = 0  # descriptors sent so far
-        self.received = 0  # distinct descriptors received so far (later copies not counted)
-        self.dropped = 0  # received but closed at once: over `max_held`, or unusable
+        self.received = 0  # descriptors received and held (copies of a held one not counted)
+        self.evicted = 0  # held ones closed to make room for newer ones (`max_held`)
+        self.dropped = 0  # received but unusable (fstat failed), closed at once
 
     @property
     def closed(self) -> bool:
@@ -221,8 +225,9 @@ class FdTransceiver:
     async def _receive(self, key: tuple[int, int], url: str) -> int:
         while True:
             await trio.lowlevel.checkpoint()
-            held = self._held.get(key)
+            held = self._held.pop(key, None)
             if held is not None:
+                self._held[key] = held  # the most recently used now: the last to be evicted
                 return os.dup(held)
             if self._closed:
                 raise FdNotReceived(f"connection closed before the descriptor for {url} arrived")
@@ -253,15 +258,15 @@ class FdTransceiver:
             if self._closed or key in self._held:
                 os.close(fd)  # a copy of one we hold (or nobody left to hold it)
                 continue
-            if len(self._held) >= self.max_held:
-                os.close(fd)
-                self.dropped += 1
-                logger.warning(
-                    "received descriptor dropped: too many held on this connection",
-                    url=format_inode_url(*key),
+            while len(self._held) >= self.max_held:
+                oldest = next(iter(self._held))
+                os.close(self._held.pop(oldest))
+                self.evicted += 1
+                logger.debug(
+                    "held descriptor closed to make room",
+                    url=format_inode_url(*oldest),
                     held=len(self._held),
                 )
-                continue
             self._held[key] = fd
             self.received += 1
             event = self._arrived.pop(key, None)

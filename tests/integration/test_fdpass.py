@@ -340,25 +340,38 @@ async def test_a_peer_that_bundles_descriptors_in_one_message(sockdir):
         await stream.aclose()
 
 
-async def test_copies_limits_release_and_close(sockdir, warnings):
-    """A file sent twice is held once; more distinct files than `max_held` are dropped (logged);
-    `release` closes one; closing the stream closes what is held and what is still queued."""
+async def test_copies_room_release_and_close(sockdir):
+    """A file sent twice is held once; past `max_held` the least recently received or asked for
+    is closed to make room; `release` closes one; closing the stream closes what is held and
+    what is still queued."""
     files = make_files(sockdir, 5)
     paths = set(files)
     left, right = stream_pair(max_held=3)
-    for path in [*files, files[0]]:
-        left.fds.send_path(path)
-    await left.send_all(b"0123456789")
-    assert right.fds.received == 0
-    received = b""
-    while len(received) < 10:
-        received += await right.receive_some()
-    assert (right.fds.held, right.fds.received, right.fds.dropped) == (3, 3, 2)
-    assert any("too many held" in record["message"] for record in warnings)
+
+    async def deliver(*sent: str) -> None:
+        for path in sent:
+            left.fds.send_path(path)
+        await left.send_all(b"x" * len(sent))
+        received = b""
+        while len(received) < len(sent):
+            received += await right.receive_some()
+
+    async def held(path: str) -> bool:
+        with trio.move_on_after(0.05):
+            os.close(await right.fds.receive_fd(inode_url_of_path(path)))
+            return True
+        return False
+
+    await deliver(files[0], files[0], files[1], files[2])
+    assert (right.fds.held, right.fds.received, right.fds.evicted) == (3, 3, 0)
+    assert await held(files[0])  # asked for: the most recently used now
+    await deliver(files[3])  # room made: files[1] goes, the oldest not asked for since
+    assert (right.fds.held, right.fds.received, right.fds.evicted) == (3, 4, 1)
+    assert [await held(path) for path in files[:4]] == [True, False, True, True]
     assert right.fds.release(inode_url_of_path(files[0]))
     assert not right.fds.release(inode_url_of_path(files[4]))
     assert right.fds.held == 2
-    right.fds.send_path(files[1])  # queued, never sent
+    right.fds.send_path(files[4])  # queued, never sent
     assert fds_open_on(paths) == 3  # two held, one queued
     await right.aclose()
     await left.aclose()
