@@ -53,19 +53,24 @@ from proxy.lab.nsm.server import serve_nsm
 from proxy.lab.nsp import DEFAULT_POLL_INTERVAL, serve_nsp
 from proxy.lab.nsp_config import ConfigFileError
 from proxy.rpc import Address, AddressError, UnixAddress, parse_address
+from proxy.security.identity import follow_workload_api
+from proxy.security.spiffe import Identity, IdentityError, SpiffeId
+from proxy.security.tls import SpiffeTls
+from proxy.watched import Watched
 
 PROG = "meridio-proxy lab"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _USAGE = f"""\
-usage: {PROG} {{up,down,status,demo,ipam,nsp,nsm,lb,target}} [options]   (each has --help)
+usage: {PROG} {{up,down,status,demo,spire,ipam,nsp,nsm,lb,target}} [options]   (each has --help)
 
   up     make the lab topology (namespaces, peers, the real proxy, LBs, targets) and wait for it
   down   take a lab down (by its state file: also after a crash)
   status a lab's processes, the proxy's health, ports, nexthops and VIP rules (--json)
   demo   up, traffic over the LBs, one LB stopped and back, every claim checked, down
 
+  spire  a SPIFFE Workload API with its own CA: an SVID per workload socket, rotated
   ipam   the IPAM service (ipam.v1.Ipam): node subnets and addresses, kept in SQLite
   nsp    the NSP configuration service (nsp.v1.ConfigurationManager), from a YAML/JSON file
   nsm    the node's NSM: registry, manager and kernel forwarder on one socket, like nsmgr
@@ -130,6 +135,22 @@ def _add_listen(parser: argparse.ArgumentParser, what: str) -> None:
 
 def _add_nsm(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--nsm", required=True, type=_dial_address, metavar="ADDRESS", help=what)
+
+
+def _add_identity(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--spiffe-socket",
+        type=_unix_url,
+        metavar="unix:///PATH",
+        help="the SPIFFE Workload API (`lab spire`) to get an identity from: then every"
+        " connection is mutual TLS; default: plain text",
+    )
+
+
+def _unix_url(text: str) -> str:
+    if not text.startswith("unix:///"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not unix:///path")
+    return text
 
 
 def _add_logging(parser: argparse.ArgumentParser) -> None:
@@ -198,6 +219,7 @@ def _ipam_parser() -> _Parser:
         metavar="DURATION",
         help="how often garbage is collected; 0 turns it off (default: 2h, as upstream)",
     )
+    _add_identity(parser)
     _add_logging(parser)
     return parser
 
@@ -236,6 +258,7 @@ def _nsp_parser() -> _Parser:
         metavar="DURATION",
         help="how often the file is checked for changes (default: 500ms)",
     )
+    _add_identity(parser)
     _add_logging(parser)
     return parser
 
@@ -272,6 +295,7 @@ def _nsm_parser() -> _Parser:
         help="dial an endpoint registered at unix://INSIDE/... at unix://OUTSIDE/... (for"
         " endpoints in containers; NSM itself gets the socket as a file descriptor)",
     )
+    _add_identity(parser)
     _add_logging(parser)
     return parser
 
@@ -383,6 +407,7 @@ def _lb_parser() -> _Parser:
         " out of the registry after at most this long",
     )
     _add_netns(parser, "LB")
+    _add_identity(parser)
     _add_logging(parser)
     return parser
 
@@ -426,6 +451,7 @@ def _target_parser() -> _Parser:
         help="a VIP to serve, as address/length (e.g. 198.19.0.1/32); repeat it",
     )
     _add_netns(parser, "target")
+    _add_identity(parser)
     _add_logging(parser)
     return parser
 
@@ -434,12 +460,17 @@ def _target_parser() -> _Parser:
 
 
 async def _serve_until_signal(
-    name: str, start: Callable[..., Awaitable[Any]]
+    name: str, start: Callable[..., Awaitable[Any]], spiffe_socket: str | None = None
 ) -> tuple[int, str | None]:
-    """Run `start` (a task for `nursery.start`) until SIGTERM/SIGINT; (exit status, message
-    for stderr when it could not start)."""
+    """Run `start` (a task for `nursery.start`) until SIGTERM/SIGINT, with mutual TLS from the
+    Workload API at `spiffe_socket` when given (once it gave an identity); (exit status,
+    message for stderr when it could not start)."""
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
+            if spiffe_socket is not None:
+                identity: Watched[Identity | None] = Watched(None)
+                await nursery.start(partial(follow_workload_api, spiffe_socket, identity))
+                start = partial(start, tls=SpiffeTls(identity))
             try:
                 await nursery.start(start)
             except (LayoutError, StoreError) as exc:
@@ -513,6 +544,7 @@ async def _serve_nsm(
     lifetime: float,
     path_map: tuple[str, str] | None,
     *,
+    tls: SpiffeTls | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The forwarder (running its `run` task if it has one) and the NSM server on `path`."""
@@ -530,6 +562,7 @@ async def _serve_nsm(
                     forwarder=forwarder,
                     default_lifetime=lifetime,
                     path_map=path_map,
+                    tls=tls,
                 )
             )
         except OSError as exc:
@@ -594,7 +627,69 @@ def _target_task(options: argparse.Namespace) -> Callable[..., Awaitable[Any]]:
     return partial(run_target, settings)
 
 
+def _spire_parser() -> _Parser:
+    parser = _Parser(
+        prog=f"{PROG} spire",
+        allow_abbrev=False,
+        description="A SPIFFE Workload API server (a SPIRE agent stand-in) with its own CA for"
+        " one trust domain: each --socket stands for one workload and gives it its SPIFFE ID"
+        " (SPIRE attests the caller; the lab gives each workload a socket of its own). SVIDs"
+        " (EC P-256) are rotated every --rotate; open FetchX509SVID streams get the new ones.",
+    )
+    parser.add_argument(
+        "--trust-domain", default="lab.meridio", metavar="DOMAIN", help="default: lab.meridio"
+    )
+    parser.add_argument(
+        "--socket",
+        action="append",
+        required=True,
+        type=_workload_socket,
+        metavar="PATH=/ID/PATH",
+        help="serve the Workload API of spiffe://DOMAIN/ID/PATH on the UNIX socket PATH; repeat",
+    )
+    parser.add_argument(
+        "--svid-lifetime", type=_duration, default=3600.0, metavar="DURATION", help="default: 1h"
+    )
+    parser.add_argument(
+        "--rotate",
+        type=_duration,
+        metavar="DURATION",
+        help="issue every workload a new SVID this often (default: half the SVID lifetime)",
+    )
+    _add_logging(parser)
+    return parser
+
+
+def _workload_socket(text: str) -> tuple[str, str]:
+    path, equals, workload = text.partition("=")
+    if not equals or not path.startswith("/") or not workload.startswith("/"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not /socket/path=/workload/path")
+    try:
+        SpiffeId.parse(f"spiffe://x{workload}")
+    except IdentityError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return path, workload
+
+
+def _spire_task(options: argparse.Namespace) -> Callable[..., Awaitable[Any]]:
+    import datetime
+
+    from proxy.lab.spiffe_ca import LabCa
+    from proxy.lab.workload import Issuer, serve_workload_api
+
+    try:
+        ca = LabCa.create(options.trust_domain)
+    except IdentityError as exc:
+        raise _UsageError(f"--trust-domain: {exc}") from None
+    sockets = dict(options.socket)
+    lifetime = datetime.timedelta(seconds=options.svid_lifetime)
+    issuer = Issuer(ca, tuple(sorted(set(sockets.values()))), lifetime)
+    rotate = options.rotate or options.svid_lifetime / 2
+    return partial(serve_workload_api, issuer, sockets, rotate=rotate)
+
+
 _COMMANDS = {
+    "spire": (_spire_parser, _spire_task),
     "ipam": (_ipam_parser, _ipam_task),
     "nsp": (_nsp_parser, _nsp_task),
     "nsm": (_nsm_parser, _nsm_task),
@@ -626,7 +721,8 @@ def main(argv: list[str]) -> int:
         print(f"{prog}: error: {exc} (see --help)", file=sys.stderr)
         return EXIT_USAGE
     log.setup(options.log_level, options.log_format)
-    status, message = trio.run(_serve_until_signal, command, task)
+    spiffe_socket = getattr(options, "spiffe_socket", None)
+    status, message = trio.run(_serve_until_signal, command, task, spiffe_socket)
     if message is not None:
         print(f"{prog}: error: {message}", file=sys.stderr)
     return status

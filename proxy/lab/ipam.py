@@ -55,6 +55,7 @@ from proxy.lab.ipam_store import ChildKey, IpamStore
 from proxy.lab.listen import serve_with_tasks
 from proxy.rpc import Address as ListenAddress
 from proxy.rpc import CallContext, InvalidArgumentError, NotFoundError
+from proxy.security.tls import SpiffeTls
 
 DEFAULT_TRENCH = "default"
 DEFAULT_PREFIXES: tuple[Network, ...] = (
@@ -334,6 +335,7 @@ async def serve_ipam(
     settings: IpamSettings,
     *,
     now: Callable[[], float] = time.time,
+    tls: SpiffeTls | None = None,
     task_status: trio.TaskStatus[ListenAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the IPAM and run its garbage collector (unless `gc_interval` is 0) until
@@ -354,5 +356,6 @@ async def serve_ipam(
             address,
             tasks,
             context=context,
+            tls=tls.server() if tls else None,
             task_status=task_status,
         )

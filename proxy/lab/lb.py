@@ -74,9 +74,11 @@ from proxy.rpc import (
     InvalidArgumentError,
     ReconnectingChannel,
     RpcFailedError,
+    Tls,
     open_channel,
 )
 from proxy.rpc.status import describe_status
+from proxy.security.tls import SpiffeTls
 from proxy.watched import Watched
 
 __all__ = [
@@ -126,6 +128,7 @@ class LbSettings:
     token_lifetime: float = 600.0  # the `expires` of the LB's own path segment
     route_interval: float = 1.0
     max_backoff: float = 5.0
+    tls: SpiffeTls | None = None  # mutual TLS with NSM and the proxies; None: plain text
 
 
 # -- pure pieces of NSM's endpoint chain ---------------------------------------------------------
@@ -282,6 +285,9 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
             with trio.move_on_after(max(0.05, (expires - time.time()) * 2 / 3)):
                 await channel.wait_unusable()
 
+    def _client_tls(self) -> Tls | None:
+        return self.settings.tls.client() if self.settings.tls else None
+
     async def unregister(self) -> None:
         """Tell the registry the endpoint is gone (expiration {seconds: -1}); errors logged."""
         if not self._register_sent:  # sent, not answered: an answer on its way still counts
@@ -289,7 +295,9 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
         registration = self.endpoint(0)
         registration.expiration_time.CopyFrom(Timestamp(seconds=-1))
         try:
-            async with open_channel(self.settings.nsm, connect_timeout=STOP_BUDGET) as channel:
+            async with open_channel(
+                self.settings.nsm, connect_timeout=STOP_BUDGET, ssl_context=self._client_tls()
+            ) as channel:
                 await NetworkServiceEndpointRegistryStub(channel).Unregister(registration)
         except RpcFailedError as exc:
             logger.warning("unregister failed", nse=self.settings.name, reason=describe_status(exc))
@@ -406,11 +414,17 @@ async def run_worker(
 
 
 async def run_lb(
-    settings: LbSettings, *, task_status: trio.TaskStatus[LoadBalancer] = trio.TASK_STATUS_IGNORED
+    settings: LbSettings,
+    *,
+    tls: SpiffeTls | None = None,
+    task_status: trio.TaskStatus[LoadBalancer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the LB until cancelled; `nursery.start` returns its `LoadBalancer` once it listens
-    and its namespace is prepared (before it has registered). A namespace that does not exist,
-    a missing outside interface or a socket that cannot be bound: OSError from `nursery.start`."""
+    """Run the LB until cancelled (over mutual TLS with `tls`, when given, else as `settings`
+    say); `nursery.start` returns its `LoadBalancer` once it listens and its namespace is
+    prepared (before it has registered). A namespace that does not exist, a missing outside
+    interface or a socket that cannot be bound: OSError from `nursery.start`."""
+    if tls is not None:
+        settings = attrs.evolve(settings, tls=tls)
     lb = LoadBalancer(settings)
     worker = NetlinkWorker(settings.netns)
     worker_scope = trio.CancelScope(shield=True)
@@ -419,12 +433,16 @@ async def run_lb(
         try:
             await nursery.start(run_worker, worker, worker_scope)
             await worker.call(lambda ipr: _prepare_namespace(ipr, settings.outside))
-            await nursery.start(serve, [lb], settings.listen)
+            server_tls = settings.tls.server() if settings.tls else None
+            await nursery.start(partial(serve, [lb], settings.listen, tls=server_tls))
         except OSError as exc:
             failure = exc
         else:
             registry = ReconnectingChannel(
-                settings.nsm, name="nsm", backoff=Backoff(maximum=settings.max_backoff)
+                settings.nsm,
+                name="nsm",
+                backoff=Backoff(maximum=settings.max_backoff),
+                ssl_context=lb._client_tls(),
             )
             nursery.start_soon(registry.run)
             nursery.start_soon(lb.keep_registered, registry)

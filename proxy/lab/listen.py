@@ -3,30 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from functools import partial
 from typing import Any
 
 import trio
 from loguru import logger
 
-from proxy.rpc import Address, Server, TcpAddress, UnixAddress
+from proxy.rpc import Address, Server, TcpAddress, Tls, UnixAddress
 
 
 async def serve(
     servicers: Iterable[Any],
     address: Address,
     *,
+    tls: Tls | None = None,
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled (a unix socket file is removed after). `nursery.start` returns the
-    address bound (for `TcpAddress(host, 0)`, with the port the kernel picked); a failure to
-    listen is raised from it as the bare OSError."""
+    """Serve until cancelled (a unix socket file is removed after), over mutual TLS with `tls`.
+    `nursery.start` returns the address bound (for `TcpAddress(host, 0)`, with the port the
+    kernel picked); a failure to listen is raised from it as the bare OSError."""
     server = Server(servicers)
     if isinstance(address, UnixAddress):
-        await server.serve_unix(address.path, task_status=_Relay(task_status, lambda _: address))
+        await server.serve_unix(
+            address.path, ssl_context=tls, task_status=_Relay(task_status, lambda _: address)
+        )
     else:
         await server.serve_tcp(
             address.host or None,
             address.port,
+            ssl_context=tls,
             task_status=_Relay(task_status, lambda port: TcpAddress(address.host, port)),
         )
 
@@ -50,6 +55,7 @@ async def serve_with_tasks(
     tasks: Iterable[Callable[[], Awaitable[Any]]] = (),
     *,
     context: Mapping[str, Any] | None = None,
+    tls: Tls | None = None,
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve, and run `tasks` beside the server once it listens, until cancelled. A failure to
@@ -57,13 +63,16 @@ async def serve_with_tasks(
     failure: OSError | None = None
     async with trio.open_nursery() as nursery:
         try:
-            bound = await nursery.start(serve, servicers, address)
+            bound = await nursery.start(partial(serve, servicers, address, tls=tls))
         except OSError as exc:
             failure = exc
         else:
             for task in tasks:
                 nursery.start_soon(task)
-            logger.info("serving", service=name, address=str(bound), **(context or {}))
+            security = "mutual TLS" if tls else "plain text"
+            logger.info(
+                "serving", service=name, address=str(bound), security=security, **(context or {})
+            )
             task_status.started(bound)
     if failure is not None:
         raise failure

@@ -58,6 +58,7 @@ from proxy.lab.nsp_config import (
     vip_matches,
 )
 from proxy.rpc import Address, CallContext
+from proxy.security.tls import SpiffeTls
 from proxy.watched import Watched
 
 DEFAULT_POLL_INTERVAL = 0.5
@@ -248,6 +249,7 @@ async def serve_nsp(
     config_path: str,
     *,
     poll_interval: float = DEFAULT_POLL_INTERVAL,
+    tls: SpiffeTls | None = None,
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the configuration in `config_path` and follow its changes until cancelled;
@@ -260,5 +262,6 @@ async def serve_nsp(
         address,
         [source.poll],
         context={"path": config_path, **source.config.value.summary()},
+        tls=tls.server() if tls else None,
         task_status=task_status,
     )

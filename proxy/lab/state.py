@@ -52,7 +52,7 @@ NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,19}$")
 FORMAT = 1
 TERM_GRACE = 3.0  # SIGTERM, then SIGKILL after this long
 KILL_WAIT = 3.0
-PEER_ROLES = ("ipam", "nsp", "nsm")
+PEER_ROLES = ("spire", "ipam", "nsp", "nsm")
 
 
 class StateError(Exception):

@@ -17,6 +17,7 @@ from proxy.lab.topology import (
     OUTSIDE_IFNAME,
     PEERS,
     PROXY_TABLE,
+    TRUST_DOMAIN,
     Topology,
     TopologyError,
     describe_age,
@@ -102,6 +103,11 @@ async def collect(topology: Topology) -> dict[str, Any]:
         "directory": str(state.directory),
         "lab_pid": state.lab_pid,
         "families": list(topology.families),
+        "security": (
+            f"mutual TLS, SPIFFE trust domain {TRUST_DOMAIN}"
+            if topology.spec.secure
+            else "plain text (--insecure)"
+        ),
         "namespaces": dict(state.namespaces),
         "peers": {
             peer: {**_process(topology, peer), "socket": str(topology.socket_path(peer))}
@@ -284,6 +290,7 @@ def render(document: dict[str, Any]) -> str:
     out = [
         f"lab {document['name']!r}: {document['phase']}, made {age} ago"
         f"  (state {document['state_file']}, files in {document['directory']})",
+        f"security: {document['security']}",
         "",
         "PROCESSES",
     ]

@@ -47,8 +47,9 @@ from proxy.kernel.errors import Exists, KernelError, NoSuchDevice, NotFound, fro
 from proxy.kernel.netlink import NetlinkWorker
 from proxy.lab.lb import ETHERNET, KERNEL, netns_url, run_worker, wall_seconds
 from proxy.lab.nsm.kernel import validate_ifname
-from proxy.rpc import Address, Backoff, ReconnectingChannel, RpcFailedError, open_channel
+from proxy.rpc import Address, Backoff, ReconnectingChannel, RpcFailedError, Tls, open_channel
 from proxy.rpc.status import describe_status
+from proxy.security.tls import SpiffeTls
 from proxy.watched import Watched
 
 __all__ = [
@@ -91,6 +92,7 @@ class TargetSettings:
     request_timeout: float = 15.0  # per Request (upstream's)
     fallback_refresh: float = 60.0  # when no path segment says when it expires
     max_backoff: float = 5.0
+    tls: SpiffeTls | None = None  # mutual TLS with NSM; None: plain text
 
     @property
     def connection_id(self) -> str:
@@ -189,6 +191,9 @@ class Target:
         self.applied: Watched[int] = Watched(0)  # answers whose kernel state is in place
         self._installed: TargetPlan | None = None  # written by worker jobs only
 
+    def client_tls(self) -> Tls | None:
+        return self.settings.tls.client() if self.settings.tls else None
+
     async def keep_connected(self, manager: ReconnectingChannel, worker: NetlinkWorker) -> None:
         settings = self.settings
         request = initial_request(settings)
@@ -279,7 +284,9 @@ class Target:
         if self.connection is not None:
             try:
                 with trio.fail_after(STOP_BUDGET / 2):
-                    async with open_channel(self.settings.nsm, connect_timeout=1.0) as channel:
+                    async with open_channel(
+                        self.settings.nsm, connect_timeout=1.0, ssl_context=self.client_tls()
+                    ) as channel:
                         await NetworkServiceStub(channel).Close(self.connection)
             except (RpcFailedError, trio.TooSlowError) as exc:
                 reason = describe_status(exc) if isinstance(exc, RpcFailedError) else "timeout"
@@ -355,11 +362,17 @@ def _tolerant(operation: partial[Any], *, deleting: bool = False) -> None:
 
 
 async def run_target(
-    settings: TargetSettings, *, task_status: trio.TaskStatus[Target] = trio.TASK_STATUS_IGNORED
+    settings: TargetSettings,
+    *,
+    tls: SpiffeTls | None = None,
+    task_status: trio.TaskStatus[Target] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the target until cancelled: connect, keep refreshing, and at the end close and clean
-    up. `nursery.start` returns its `Target` as soon as its netlink worker runs (before the first
+    """Run the target until cancelled (over mutual TLS with `tls`, when given, else as
+    `settings` say): connect, keep refreshing, and at the end close and clean up.
+    `nursery.start` returns its `Target` as soon as its netlink worker runs (before the first
     answer: watch `Target.applied`); a namespace that does not exist is an OSError from it."""
+    if tls is not None:
+        settings = attrs.evolve(settings, tls=tls)
     target = Target(settings)
     initial_request(settings)  # a bad interface name fails here, before anything starts
     worker = NetlinkWorker(settings.netns)
@@ -372,7 +385,10 @@ async def run_target(
             failure = exc
         else:
             manager = ReconnectingChannel(
-                settings.nsm, name="nsm", backoff=Backoff(maximum=settings.max_backoff)
+                settings.nsm,
+                name="nsm",
+                backoff=Backoff(maximum=settings.max_backoff),
+                ssl_context=target.client_tls(),
             )
             nursery.start_soon(manager.run)
             task_status.started(target)

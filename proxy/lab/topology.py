@@ -106,6 +106,17 @@ OUTSIDE_IFNAME = "outside"  # the LB's end of its outside link
 TARGET_IFNAME = "nsm0"
 PROXY_TABLE = 4096  # NSM_ROUTING_TABLE's default: the proxy's VIP rules point there
 PEERS = ("ipam", "nsp", "nsm")
+TRUST_DOMAIN = "lab.meridio"
+# The SPIFFE ID path of each kind of workload, each with a Workload API socket of its own (all
+# LBs share one identity, as pods of one service account do).
+WORKLOADS = {
+    "ipam": "/ipam",
+    "nsp": "/nsp",
+    "nsm": "/nsmgr",
+    "proxy": "/proxy",
+    "lb": "/load-balancer",
+    "target": "/target",
+}
 HEALTH_SERVICES = ("Readiness", "Liveness", "IPAMCli", "NSPCli", "NSMEndpoint", "Egress")
 FAMILY_NAMES = {(4,): "ipv4", (6,): "ipv6", (4, 6): "dualstack"}
 OUTSIDE_SYSCTLS = (
@@ -156,6 +167,9 @@ class TopologySpec:
     proxy_env: Mapping[str, str] = attrs.field(factory=dict)  # NSM_* over the lab's own
     # The LBs' registration lifetime: how long a frozen LB stays registered, at most.
     lb_lifetime: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
+    # Mutual TLS everywhere with SVIDs from the lab's Workload API (`lab spire`); False: the
+    # quick mode, plain text (the proxy with NSM_IDENTITY=insecure).
+    secure: bool = True
     # The NSM manager's connection lifetime: how long a client that died without closing
     # keeps its connection (and the proxy its port and addresses), at most.
     nsm_lifetime: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
@@ -170,6 +184,7 @@ class TopologySpec:
             "proxy_env": dict(self.proxy_env),
             "lb_lifetime": self.lb_lifetime,
             "nsm_lifetime": self.nsm_lifetime,
+            "secure": self.secure,
             "timeout": self.timeout,
         }
 
@@ -184,6 +199,7 @@ class TopologySpec:
             proxy_env=dict(data.get("proxy_env", {})),
             lb_lifetime=data.get("lb_lifetime", 60.0),
             nsm_lifetime=data.get("nsm_lifetime", 60.0),
+            secure=data.get("secure", False),
             timeout=data.get("timeout", 60.0),
         )
 
@@ -400,6 +416,11 @@ class Topology:
             self.state.targets[index].netns = self.netns(f"tg{index}")
         self.state.save()
         await self._prepare_outside()
+        if spec.secure:
+            step("identities: the lab's Workload API (spire)")
+            self._spawn("spire", self._spire_argv())
+            for workload in WORKLOADS:
+                await self._wait_socket(f"spire-{workload}")
         step("peers: ipam, nsp, nsm")
         self._write_nsp_config()
         for peer in PEERS:
@@ -627,7 +648,24 @@ class Topology:
     def _lab_argv(command: str, *args: str) -> list[str]:
         return [sys.executable, "-m", "proxy", "lab", command, *args]
 
+    def _spire_argv(self) -> list[str]:
+        sockets = [
+            a
+            for workload, path in WORKLOADS.items()
+            for a in ("--socket", f"{self.socket_path(f'spire-{workload}')}={path}")
+        ]
+        return self._lab_argv("spire", "--trust-domain", TRUST_DOMAIN, *sockets)
+
+    def _identity_args(self, workload: str) -> list[str]:
+        """`--spiffe-socket` of a lab workload, in the secure mode."""
+        if not self.spec.secure:
+            return []
+        return ["--spiffe-socket", self.address(f"spire-{workload}")]
+
     def _peer_argv(self, peer: str) -> list[str]:
+        return [*self._peer_command(peer), *self._identity_args(peer)]
+
+    def _peer_command(self, peer: str) -> list[str]:
         listen = ["--listen", self.address(peer)]
         if peer == "ipam":
             prefixes = [a for v in self.families for a in ("--prefix", IPAM_PREFIXES[v])]
@@ -659,7 +697,11 @@ class Topology:
         return {
             "NSM_NAME": self.proxy_name,
             "NSM_HOST": NODE,
-            "NSM_IDENTITY": "insecure",  # the lab's quick mode: its peers speak plain text
+            **(
+                {"NSM_IDENTITY": "spiffe", "SPIFFE_ENDPOINT_SOCKET": self.address("spire-proxy")}
+                if self.spec.secure
+                else {"NSM_IDENTITY": "insecure"}  # the quick mode: plain text everywhere
+            ),
             "NSM_TRENCH": TRENCH,
             "NSM_CONDUIT": CONDUIT,
             "NSM_NAMESPACE": NAMESPACE,
@@ -694,7 +736,7 @@ class Topology:
         argv = self._lab_argv(
             "target", "--nsm", self.address("nsm"), "--name", target.name, "--node", NODE,
             "--service", PROXY_SERVICE, "--interface", TARGET_IFNAME, *vips,
-            "--netns", self.netns(target.name),
+            "--netns", self.netns(target.name), *self._identity_args("target"),
         )  # fmt: skip
         self._spawn(target.name, argv, self.netns(target.name))
 
@@ -713,7 +755,7 @@ class Topology:
         argv = self._lab_argv(
             "lb", "--nsm", self.address("nsm"), "--listen", self.address(lb.name),
             "--name", lb.name, "--service", LB_SERVICE, "--outside", OUTSIDE_IFNAME, *routes,
-            "--registration-lifetime", f"{self.spec.lb_lifetime:g}s",
+            "--registration-lifetime", f"{self.spec.lb_lifetime:g}s", *self._identity_args("lb"),
         )  # fmt: skip
         self._spawn(lb.name, argv, self.netns(lb.name))
 

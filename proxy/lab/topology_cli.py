@@ -78,6 +78,12 @@ def _shape(parser: argparse.ArgumentParser) -> None:
     family.add_argument("--ipv4-only", action="store_true", help="IPv4 only (default: dual)")
     family.add_argument("--ipv6-only", action="store_true", help="IPv6 only (default: dual)")
     parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain text everywhere (the proxy with NSM_IDENTITY=insecure); default: mutual TLS"
+        " with SVIDs from the lab's own Workload API",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=60.0,
@@ -89,7 +95,8 @@ def _shape(parser: argparse.ArgumentParser) -> None:
 def _parser(command: str) -> _Parser:
     about = {
         "up": "Make the lab: namespaces for the proxy, the LBs, the targets and an outside host,"
-        " the peers (IPAM, NSP, NSM with the kernel forwarder) as processes, the real proxy;"
+        " the peers (a SPIFFE Workload API, IPAM, NSP, NSM with the kernel forwarder) as"
+        " processes, the real proxy, all on mutual TLS unless --insecure;"
         " wait until the proxy is ready and every target has its addresses, then print what was"
         " made. On failure, take it down again and say why.",
         "down": "Take down everything the lab's state file records (processes, namespaces,"
@@ -129,6 +136,7 @@ def _spec(options: argparse.Namespace, proxy_env: dict[str, str] | None = None) 
         state_dir=options.state_dir,
         timeout=options.timeout,
         proxy_env=proxy_env or {},
+        secure=not options.insecure,
     )
 
 

@@ -81,4 +81,6 @@ def as_tls(value: ssl.SSLContext | Tls | None) -> Tls | None:
     """A plain SSLContext (a fixed one, any verified peer) as Tls; Tls and None as they are."""
     if isinstance(value, ssl.SSLContext):
         return Tls.fixed(value)
+    if value is not None and not isinstance(value, Tls):
+        raise TypeError(f"TLS settings must be an SSLContext or Tls, not {type(value).__name__}")
     return value

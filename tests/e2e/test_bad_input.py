@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -36,10 +36,23 @@ from google.protobuf.message import DecodeError, Message
 from proxy.api.networkservice.connection_pb2 import Connection, Mechanism, PathSegment
 from proxy.api.networkservice.networkservice_pb2 import NetworkServiceRequest
 from proxy.lab.scenarios import stream_set
+from proxy.lab.state import leftovers
 from proxy.lab.topology import NODE, PROXY_SERVICE, TRENCH, Topology
+from tests.e2e.conftest import spec
 from tests.e2e.inventory import expected_vips, inventory, key_records, target_key
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+async def topology(state_dir: Path) -> AsyncIterator[Topology]:
+    """The default lab in its quick mode (plain text): the malformed requests come from grpcio
+    straight to the endpoint socket, with no SVID of the lab's (mutual TLS refusing a client is
+    tests/integration/test_identity.py's business)."""
+    async with Topology.running(spec(state_dir, secure=False)) as running:
+        yield running
+    assert leftovers(running.state) == []
+
 
 RELEASE_DELAY = 1.0  # NSM_IP_RELEASE_DELAY in the lab
 SETTLE = 10.0  # NSP polls its file every 0.5 s; the proxy reconciles at once

@@ -96,6 +96,7 @@ from proxy.rpc import (
     Peer,
     RpcFailedError,
     Status,
+    Tls,
     UnavailableError,
     open_channel,
 )
@@ -413,6 +414,7 @@ class ManagerSettings:
     request_timeout: float = REQUEST_TIMEOUT
     close_timeout: float = CLOSE_TIMEOUT
     monitor_buffer: int = MONITOR_BUFFER
+    client_tls: Tls | None = None  # towards the endpoints (mutual TLS); None: plain text
 
 
 @attrs.frozen
@@ -663,6 +665,7 @@ class Manager:
             async with open_channel(
                 mapped_url(nse.url, self.settings.path_map),
                 connect_timeout=self.settings.close_timeout,
+                ssl_context=self.settings.client_tls,
             ) as channel:
                 reply = await getattr(NetworkServiceStub(channel), method)(message)
                 return reply, channel.connection.peer

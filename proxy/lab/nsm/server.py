@@ -12,6 +12,8 @@ through their socket peer's pid.
 
 from __future__ import annotations
 
+from functools import partial
+
 import trio
 from loguru import logger
 
@@ -35,6 +37,7 @@ from proxy.lab.nsm.registry import (
     WallClock,
 )
 from proxy.rpc import UnixAddress
+from proxy.security.tls import SpiffeTls
 
 
 async def serve_nsm(
@@ -48,6 +51,7 @@ async def serve_nsm(
     watch_buffer: int = WATCH_BUFFER,
     clock: WallClock | None = None,
     path_map: tuple[str, str] | None = None,
+    tls: SpiffeTls | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve on the UNIX socket `path` until cancelled (the socket file is removed after);
@@ -70,6 +74,7 @@ async def serve_nsm(
         close_timeout=close_timeout,
         monitor_buffer=watch_buffer,
         path_map=path_map,
+        client_tls=tls.client() if tls else None,
     )
     manager = Manager(registry, forwarder, clock, settings)
     servicers = [
@@ -83,7 +88,8 @@ async def serve_nsm(
         await nursery.start(registry.run)
         await nursery.start(manager.run)
         try:
-            await nursery.start(serve, servicers, UnixAddress(path))
+            server_tls = tls.server() if tls else None
+            await nursery.start(partial(serve, servicers, UnixAddress(path), tls=server_tls))
         except OSError as exc:
             # Raised below, outside the nursery: the bare OSError, not an exception group.
             failure = exc
@@ -95,6 +101,7 @@ async def serve_nsm(
                 address=f"unix://{path}",
                 forwarder=type(forwarder).__name__,
                 lifetime=default_lifetime,
+                security="mutual TLS" if tls else "plain text",
             )
             task_status.started(path)
     if failure is not None:
