@@ -54,6 +54,7 @@ from proxy.kernel.router import ConnectionsKnown, Router, RouterEvent
 from proxy.kernel.settings import bridge_mac, prepare
 from proxy.nsm.discovery import Discovery, LbEvent
 from proxy.nsm.endpoint import TargetEndpoint
+from proxy.nsm.hoptoken import Signer
 from proxy.nsm.mesh import Mesh, MeshSettings, connection_key_prefix
 from proxy.nsm.registration import Registration
 from proxy.rpc import (
@@ -237,6 +238,8 @@ async def _control_plane(
     without); cancelled first when stopping."""
     backoff = Backoff(maximum=config.grpc_max_backoff)
     client_tls = tls.client() if tls else None
+    # NSM's per-hop tokens, signed with the SVID's key (none in plain text).
+    signer = Signer(tls.identity, config.max_token_lifetime) if tls else None
     async with trio.open_nursery() as plane:
         nsp_channel = nsp.nsp_channel(config, client_tls)
         nsm_channel = ReconnectingChannel(
@@ -262,6 +265,7 @@ async def _control_plane(
             request_timeout=config.request_timeout,
             max_backoff=config.grpc_max_backoff,
             default_lifetime=config.max_token_lifetime,
+            signer=signer,
         )
         mesh = Mesh(
             settings, nsm=nsm_channel, addresses=addresses, router=router.clone(), shutdown=shutdown
@@ -273,6 +277,7 @@ async def _control_plane(
             lb_events,
             token_lifetime=config.max_token_lifetime,
             backoff=Backoff(maximum=config.grpc_max_backoff),
+            signer=signer,
         )
         await plane.start(discovery.run)
 
@@ -289,6 +294,7 @@ async def _control_plane(
             default_lifetime=config.max_token_lifetime,
             allocation_timeout=config.request_timeout,
             reserved_prefix=connection_key_prefix(config.name, config.network_service_name),
+            signer=signer,
         )
         socket_path = f"{endpoint_dir}/listen.on"
         endpoint_health = HealthServicer(Health(probes={}))  # "" SERVING, as NSM's endpoints
@@ -310,6 +316,7 @@ async def _control_plane(
             call_timeout=config.request_timeout,
             backoff=Backoff(maximum=config.grpc_max_backoff),
             shutdown=shutdown,
+            signer=signer,
         )
         plane.start_soon(registration.run)
         # Whatever a previous instance left and nobody reports within one request timeout is

@@ -65,6 +65,7 @@ from proxy.kernel.netlink import NetlinkWorker
 from proxy.kernel.sysctl import write_proc
 from proxy.lab.listen import serve
 from proxy.lab.nsm.kernel import MAX_IFNAME, netns_path
+from proxy.nsm.hoptoken import Signer
 from proxy.nsm.path import PathError, server_hop
 from proxy.rpc import (
     Address,
@@ -203,6 +204,9 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
         connection = hop.connection
         own = hop.segment
         own.expires.CopyFrom(timestamp(time.time() + settings.token_lifetime))
+        signer = self.signer()
+        if signer is not None:  # NSM's tokens: the caller's and ours, then the policies
+            signer.server_check(connection, request.custom_metadata, request.peer)
         name = mechanism.parameters.get("name") or interface_name(caller_id)
         if len(name) > MAX_IFNAME:
             raise InvalidArgumentError(f"interface name {name!r} is longer than {MAX_IFNAME}")
@@ -223,6 +227,13 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
         return connection
 
     async def Close(self, message: Connection, request: CallContext) -> Empty:
+        signer = self.signer()
+        if signer is not None:
+            try:
+                hop = server_hop(message, self.settings.name)
+            except PathError as exc:
+                raise InvalidArgumentError(str(exc)) from None
+            signer.server_check(hop.connection, request.custom_metadata, request.peer)
         if self.connections.pop(message.id, None) is not None:
             logger.info("connection closed", conn_id=message.id)
         return Empty()
@@ -284,6 +295,10 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
             self.registrations.set(self.registrations.value + 1)
             with trio.move_on_after(max(0.05, (expires - time.time()) * 2 / 3)):
                 await channel.wait_unusable()
+
+    def signer(self) -> Signer | None:
+        tls = self.settings.tls
+        return Signer(tls.identity, self.settings.token_lifetime) if tls else None
 
     def _client_tls(self) -> Tls | None:
         return self.settings.tls.client() if self.settings.tls else None

@@ -47,6 +47,7 @@ from proxy.kernel.errors import Exists, KernelError, NoSuchDevice, NotFound, fro
 from proxy.kernel.netlink import NetlinkWorker
 from proxy.lab.lb import ETHERNET, KERNEL, netns_url, run_worker, wall_seconds
 from proxy.lab.nsm.kernel import validate_ifname
+from proxy.nsm.hoptoken import Signer, sign_request
 from proxy.rpc import Address, Backoff, ReconnectingChannel, RpcFailedError, Tls, open_channel
 from proxy.rpc.status import describe_status
 from proxy.security.tls import SpiffeTls
@@ -91,6 +92,7 @@ class TargetSettings:
     rule_priority: int = DEFAULT_RULE_PRIORITY
     request_timeout: float = 15.0  # per Request (upstream's)
     fallback_refresh: float = 60.0  # when no path segment says when it expires
+    token_lifetime: float = 600.0  # of the tokens it signs (NSM_MAX_TOKEN_LIFETIME, as deployed)
     max_backoff: float = 5.0
     tls: SpiffeTls | None = None  # mutual TLS with NSM; None: plain text
 
@@ -191,6 +193,10 @@ class Target:
         self.applied: Watched[int] = Watched(0)  # answers whose kernel state is in place
         self._installed: TargetPlan | None = None  # written by worker jobs only
 
+    def signer(self) -> Signer | None:
+        tls = self.settings.tls
+        return Signer(tls.identity, self.settings.token_lifetime) if tls else None
+
     def client_tls(self) -> Tls | None:
         return self.settings.tls.client() if self.settings.tls else None
 
@@ -203,7 +209,9 @@ class Target:
         while True:
             try:
                 with trio.fail_after(settings.request_timeout):
-                    answer = await NetworkServiceStub(await manager.get()).Request(request)
+                    channel = await manager.get()
+                    metadata = sign_request(self.signer(), request.connection, channel)
+                    answer = await NetworkServiceStub(channel).Request(request, metadata=metadata)
             except (RpcFailedError, trio.TooSlowError) as exc:
                 if not failing:
                     reason = describe_status(exc) if isinstance(exc, RpcFailedError) else "timeout"
@@ -287,7 +295,10 @@ class Target:
                     async with open_channel(
                         self.settings.nsm, connect_timeout=1.0, ssl_context=self.client_tls()
                     ) as channel:
-                        await NetworkServiceStub(channel).Close(self.connection)
+                        closing = Connection()
+                        closing.CopyFrom(self.connection)
+                        metadata = sign_request(self.signer(), closing, channel)
+                        await NetworkServiceStub(channel).Close(closing, metadata=metadata)
             except (RpcFailedError, trio.TooSlowError) as exc:
                 reason = describe_status(exc) if isinstance(exc, RpcFailedError) else "timeout"
                 logger.warning("close failed", conn_id=self.settings.connection_id, reason=reason)

@@ -25,6 +25,7 @@ from proxy.api.registry.registry_pb2 import (
     NetworkServiceEndpointQuery,
     NetworkServiceEndpointResponse,
 )
+from proxy.nsm.hoptoken import Signer, call_metadata
 from proxy.nsm.wire import seconds
 from proxy.rpc import Backoff, ReconnectingChannel, RpcFailedError, server_stream
 from proxy.rpc.status import describe_status
@@ -72,8 +73,10 @@ class Discovery:
         *,
         token_lifetime: float,
         backoff: Backoff,
+        signer: Signer | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        self._signer = signer
         self._nsm = nsm
         self._service = service
         self._events = events
@@ -103,8 +106,10 @@ class Discovery:
             network_service_endpoint=NetworkServiceEndpoint(network_service_names=[self._service]),
             watch=True,
         )
-        stub = registry_grpc.NetworkServiceEndpointRegistryStub(await self._nsm.get())
-        async with server_stream(stub.Find, query) as responses:
+        channel = await self._nsm.get()
+        stub = registry_grpc.NetworkServiceEndpointRegistryStub(channel)
+        metadata = call_metadata(self._signer, channel)
+        async with server_stream(stub.Find, query, metadata=metadata) as responses:
             self._backoff.reset()
             async for response in responses:
                 await self._apply(response)

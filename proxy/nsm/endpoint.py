@@ -47,6 +47,7 @@ from proxy.api.networkservice.connection_pb2 import (
 from proxy.api.networkservice.networkservice_pb2 import NetworkServiceRequest
 from proxy.kernel.model import IPInterface
 from proxy.kernel.router import RouterEvent, SetTargetPort
+from proxy.nsm.hoptoken import Signer
 from proxy.nsm.ipcontext import context_problems, nse_context
 from proxy.nsm.path import Hop, PathError, server_hop
 from proxy.nsm.wire import interface_name, seconds, timestamp
@@ -124,8 +125,10 @@ class TargetEndpoint:
         default_lifetime: float,
         allocation_timeout: float,
         reserved_prefix: str,
+        signer: Signer | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        self._signer = signer  # NSM's tokens checked on every call (None: plain text)
         self.name = name
         self.reserved_prefix = reserved_prefix  # the LB connections' keys: never a target's
         self.service_name = service_name
@@ -159,6 +162,8 @@ class TargetEndpoint:
                 reason=exc.status.status_message,
             )
             raise
+        if self._signer is not None:  # NSM's tokens: before anything is allocated
+            self._signer.server_check(hop.connection, context.custom_metadata, context.peer)
         our_id = hop.connection.id
         async with self._turn(our_id):
             # Bounded even when the caller set no deadline (the handler has the caller's).
@@ -244,6 +249,8 @@ class TargetEndpoint:
             hop = server_hop(message, self.name, new_id=lambda: "")
         except PathError:
             return Empty()  # nothing of ours can be behind a path we could not take
+        if self._signer is not None:
+            self._signer.server_check(hop.connection, context.custom_metadata, context.peer)
         async with self._turn(hop.connection.id):
             if hop.connection.id in self.connections:
                 await self._forget(hop.connection.id, reason="closed")

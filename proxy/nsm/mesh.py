@@ -47,6 +47,7 @@ from proxy.kernel.model import IPAddress
 from proxy.kernel.router import RemoveLoadBalancer, RouterEvent, SetLoadBalancer
 from proxy.nsm.discovery import LbEvent, LbGone, LbSeen
 from proxy.nsm.endpoint import Addresses
+from proxy.nsm.hoptoken import Signer, call_metadata, sign_request
 from proxy.nsm.ipcontext import nsc_context
 from proxy.nsm.wire import interface_name, seconds
 from proxy.rpc import Backoff, ReconnectingChannel, RpcFailedError, server_stream
@@ -64,6 +65,7 @@ class MeshSettings:
     request_timeout: float
     max_backoff: float
     default_lifetime: float  # when the answer's path carries no expiry
+    signer: Signer | None = None  # NSM's per-hop tokens (None: plain text, no tokens)
 
 
 def connection_key_prefix(name: str, service: str) -> str:
@@ -200,8 +202,12 @@ class LbConnection:
         selector = MonitorScopeSelector(path_segments=[PathSegment(id=self.id)])
         try:
             with trio.move_on_after(self.settings.request_timeout):
-                stub = connection_grpc.MonitorConnectionStub(await self._nsm.get())
-                async with server_stream(stub.MonitorConnections, selector) as events:
+                channel = await self._nsm.get()
+                stub = connection_grpc.MonitorConnectionStub(channel)
+                metadata = call_metadata(self.settings.signer, channel)
+                async with server_stream(
+                    stub.MonitorConnections, selector, metadata=metadata
+                ) as events:
                     async for event in events:
                         found = recoverable(event, self.id)
                         if found is not None:
@@ -244,8 +250,10 @@ class LbConnection:
             request = NetworkServiceRequest(
                 connection=connection, mechanism_preferences=[mechanism]
             )
-            stub = networkservice_grpc.NetworkServiceStub(await self._nsm.get())
-            answer: Connection = await stub.Request(request)
+            channel = await self._nsm.get()
+            metadata = sign_request(self.settings.signer, request.connection, channel)
+            stub = networkservice_grpc.NetworkServiceStub(channel)
+            answer: Connection = await stub.Request(request, metadata=metadata)
         self.requests += 1
         interface = answer.mechanism.parameters.get("name", self.interface) or self.interface
         await self._router.send(SetLoadBalancer(self.id, interface, lb_addresses(answer)))
@@ -255,8 +263,13 @@ class LbConnection:
         await self._router.send(RemoveLoadBalancer(self.id))
         if self.connection is not None:
             try:
-                stub = networkservice_grpc.NetworkServiceStub(await self._nsm.get())
-                await stub.Close(self.connection)
+                channel = await self._nsm.get()
+                closing = Connection()
+                closing.CopyFrom(self.connection)
+                metadata = sign_request(self.settings.signer, closing, channel)
+                await networkservice_grpc.NetworkServiceStub(channel).Close(
+                    closing, metadata=metadata
+                )
                 logger.info("load-balancer connection closed", conn_id=self.id, nse=self.nse)
             except RpcFailedError as exc:
                 logger.warning("close failed", conn_id=self.id, reason=describe_status(exc))

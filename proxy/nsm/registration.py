@@ -30,6 +30,7 @@ from proxy.api.registry.registry_pb2 import (
     NetworkServiceEndpoint,
     NetworkServiceLabels,
 )
+from proxy.nsm.hoptoken import Signer, call_metadata
 from proxy.nsm.wire import seconds, timestamp
 from proxy.rpc import Backoff, Channel, ReconnectingChannel, RpcFailedError
 from proxy.rpc.status import describe_status
@@ -83,8 +84,10 @@ class Registration:
         call_timeout: float,
         backoff: Backoff,
         shutdown: Shutdown,
+        signer: Signer | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        self._signer = signer
         self._nsm = nsm
         self._name = name
         self._service = service
@@ -138,12 +141,13 @@ class Registration:
         channel = await self._nsm.get()
         if channel is not self._service_registered_on:
             await registry_grpc.NetworkServiceRegistryStub(channel).Register(
-                network_service(self._service)
+                network_service(self._service), metadata=call_metadata(self._signer, channel)
             )
             self._service_registered_on = channel
         stub = registry_grpc.NetworkServiceEndpointRegistryStub(channel)
         nse = endpoint(self._name, self._service, self._host, self._url, self._wall() + LIFETIME)
-        answer: NetworkServiceEndpoint = await stub.Register(nse)
+        metadata = call_metadata(self._signer, channel)
+        answer: NetworkServiceEndpoint = await stub.Register(nse, metadata=metadata)
         self.registrations += 1
         if answer.HasField("expiration_time"):
             return channel, answer.expiration_time
@@ -154,8 +158,9 @@ class Registration:
         nse.expiration_time.seconds = -1
         nse.expiration_time.nanos = 0
         try:
-            stub = registry_grpc.NetworkServiceEndpointRegistryStub(await self._nsm.get())
-            await stub.Unregister(nse)
+            channel = await self._nsm.get()
+            stub = registry_grpc.NetworkServiceEndpointRegistryStub(channel)
+            await stub.Unregister(nse, metadata=call_metadata(self._signer, channel))
             logger.info("endpoint unregistered", name=self._name)
         except RpcFailedError as exc:
             logger.warning(

@@ -146,6 +146,11 @@ class SpiffeTls:
         self._authorizer = authorizer
         self._built: tuple[Identity, ssl.SSLContext, ssl.SSLContext] | None = None
 
+    @property
+    def identity(self) -> Watched[Identity | None]:
+        """The identity followed (also what NSM's tokens are signed with)."""
+        return self._identity
+
     def authorizer(self) -> Authorizer:
         return self._authorizer or Authorizer.trust_domain_of(self._current())
 

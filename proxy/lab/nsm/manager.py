@@ -87,6 +87,7 @@ from proxy.lab.nsm.registry import (
     from_timestamp,
     to_timestamp,
 )
+from proxy.nsm.hoptoken import Signer, sign_request
 from proxy.rpc import (
     AddressError,
     CallContext,
@@ -415,6 +416,7 @@ class ManagerSettings:
     close_timeout: float = CLOSE_TIMEOUT
     monitor_buffer: int = MONITOR_BUFFER
     client_tls: Tls | None = None  # towards the endpoints (mutual TLS); None: plain text
+    signer: Signer | None = None  # NSM's per-hop tokens, signed and checked (None: none)
 
 
 @attrs.frozen
@@ -488,6 +490,8 @@ class Manager:
             caller_index = update_path(connection, self.settings.name, _new_id)
         except BadRequest as exc:
             raise InvalidArgumentError(str(exc)) from None
+        if self.settings.signer is not None:
+            self.settings.signer.server_check(connection, context.custom_metadata, context.peer)
         client_netns = netns_path(mechanism, context.peer.pid)
         if client_netns is None:
             raise InvalidArgumentError(
@@ -517,6 +521,8 @@ class Manager:
             update_path(at_hop, self.settings.name, _new_id)
         except PathError as exc:
             raise InvalidArgumentError(str(exc)) from None
+        if self.settings.signer is not None:
+            self.settings.signer.server_check(at_hop, context.custom_metadata, context.peer)
         # Once its turn comes (after a Request in flight for the same id), a Close is carried
         # out even if its caller has given up: the NSE call within close_timeout.
         await self._submit(at_hop.id, _CloseOp, create=False)
@@ -667,7 +673,11 @@ class Manager:
                 connect_timeout=self.settings.close_timeout,
                 ssl_context=self.settings.client_tls,
             ) as channel:
-                reply = await getattr(NetworkServiceStub(channel), method)(message)
+                connection = message.connection if method == "Request" else message
+                metadata = sign_request(self.settings.signer, connection, channel)
+                reply = await getattr(NetworkServiceStub(channel), method)(
+                    message, metadata=metadata
+                )
                 return reply, channel.connection.peer
         except AddressError as exc:
             raise UnavailableError(f"{where} has no valid URL: {exc}") from None

@@ -36,6 +36,7 @@ from proxy.lab.nsm.registry import (
     Registry,
     WallClock,
 )
+from proxy.nsm.hoptoken import Signer
 from proxy.rpc import UnixAddress
 from proxy.security.tls import SpiffeTls
 
@@ -75,6 +76,7 @@ async def serve_nsm(
         monitor_buffer=watch_buffer,
         path_map=path_map,
         client_tls=tls.client() if tls else None,
+        signer=Signer(tls.identity, default_lifetime) if tls else None,
     )
     manager = Manager(registry, forwarder, clock, settings)
     servicers = [

@@ -1,0 +1,154 @@
+"""NSM's per-hop tokens on the proxy's calls and on its endpoint: the sdk's `updatetoken`
+(client and server) and `authorize` (server), from the identity the process holds.
+
+* A **client** (the proxy towards nsmgr; a lab target or manager towards the next hop) signs,
+  for each call, a token for the TLS peer it reached (`aud` = the peer's SPIFFE ID): it goes
+  into the client's own path segment (`token`, `expires`) and into the call's metadata
+  (`nsm-client-token`, `nsm-client-token-expires`), as the sdk's updatetoken client and its
+  per-RPC credentials do.
+* A **server** (the proxy's endpoint; the lab's manager and LBs) puts the caller's metadata
+  token into the previous segment, signs its own segment for the caller, and then applies NSM's
+  default policies (`proxy.security.policy`): a denial is PERMISSION_DENIED with its reason.
+
+Plain text (no identity) has no tokens: there is no SPIFFE ID to sign for or check against;
+`Signer` is then not made at all and callers skip it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+
+import attrs
+from cryptography import x509
+from google.protobuf.timestamp_pb2 import Timestamp
+from loguru import logger
+
+from proxy.api.networkservice.connection_pb2 import Connection, PathSegment
+from proxy.rpc import Channel, Peer, RpcFailedError, Status, StatusCode
+from proxy.security.policy import Denial, authorize_request
+from proxy.security.spiffe import Identity, IdentityError, certificate_spiffe_id
+from proxy.security.tokens import Token, TokenError, generate, read_token_metadata, token_metadata
+from proxy.watched import Watched
+
+__all__ = [
+    "PermissionDeniedError",
+    "Signer",
+    "call_metadata",
+    "peer_certificate",
+    "sign_request",
+]
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+class PermissionDeniedError(RpcFailedError):  # type: ignore[misc]
+    def __init__(self, message: str) -> None:
+        super().__init__(Status(StatusCode.PERMISSION_DENIED, message))
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def peer_certificate(peer: Peer) -> x509.Certificate | None:
+    if not peer.certificate_der:
+        return None
+    return x509.load_der_x509_certificate(peer.certificate_der)
+
+
+def _stamp(when: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
+@attrs.frozen
+class Signer:
+    """Signs tokens with the current SVID (`identity`), valid at most `max_lifetime` seconds."""
+
+    identity: Watched[Identity | None]
+    max_lifetime: float
+    clock: Callable[[], datetime] = _now
+
+    def token_for(self, peer: Peer) -> Token:
+        """A token for the TLS peer `peer` (its SPIFFE ID as the audience)."""
+        identity = self.identity.value
+        if identity is None:
+            raise IdentityError("no identity to sign with")
+        certificate = peer_certificate(peer)
+        peer_id = peer_not_after = None
+        if certificate is not None:
+            peer_id = str(certificate_spiffe_id(certificate))
+            peer_not_after = certificate.not_valid_after_utc
+        return generate(
+            identity.svid.key,
+            own_id=str(identity.spiffe_id),
+            own_not_after=identity.svid.not_after,
+            now=self.clock(),
+            max_lifetime=timedelta(seconds=self.max_lifetime),
+            peer_id=peer_id,
+            peer_not_after=peer_not_after,
+        )
+
+    # -- client ----------------------------------------------------------------------------------
+
+    def client_call(self, connection: Connection, peer: Peer) -> Metadata:
+        """updatetoken client: sign our segment (at `path.index`) for `peer`; the metadata for
+        the call (the same token)."""
+        token = self.token_for(peer)
+        _set(connection.path.path_segments[connection.path.index], token)
+        return token_metadata(token)
+
+    def metadata_for(self, peer: Peer) -> Metadata:
+        """The per-RPC token metadata alone (registry calls, Close, MonitorConnections)."""
+        return token_metadata(self.token_for(peer))
+
+    # -- server ----------------------------------------------------------------------------------
+
+    def server_check(
+        self,
+        connection: Connection,
+        metadata: Iterable[tuple[str, str | bytes]],
+        peer: Peer,
+    ) -> None:
+        """updatetoken server, then authorize: `connection` is at our hop (after updatepath);
+        the previous segment gets the caller's metadata token, ours a fresh one for the caller;
+        PermissionDeniedError with the reason when NSM's policies deny it."""
+        path = connection.path
+        if path.index < 1:
+            raise PermissionDeniedError("no previous path segment: nobody to authorize")
+        try:
+            caller = read_token_metadata(metadata)
+        except TokenError as exc:
+            raise PermissionDeniedError(f"caller token: {exc}") from None
+        previous = path.path_segments[path.index - 1]
+        previous.token = caller.value
+        previous.expires.CopyFrom(_stamp(caller.expires))
+        _set(path.path_segments[path.index], self.token_for(peer))
+        denial: Denial | None = authorize_request(
+            path, now=self.clock(), peer_certificate=peer_certificate(peer)
+        )
+        if denial is not None:
+            logger.warning("request denied", policy=denial.policy.value, reason=denial.reason)
+            raise PermissionDeniedError(str(denial))
+
+
+def _set(segment: PathSegment, token: Token) -> None:
+    segment.token = token.value
+    segment.expires.CopyFrom(_stamp(token.expires))
+
+
+def sign_request(signer: Signer | None, connection: Connection, channel: Channel) -> Metadata:
+    """Client side of a Request or Close on `channel`: `connection`'s own segment signed and
+    the call's metadata; nothing in plain text (`signer` None)."""
+    if signer is None:
+        return ()
+    return signer.client_call(connection, channel.connection.peer)
+
+
+def call_metadata(signer: Signer | None, channel: Channel) -> Metadata:
+    """The token metadata of any other NSM call on `channel` (registry, monitor)."""
+    if signer is None:
+        return ()
+    return signer.metadata_for(channel.connection.peer)
