@@ -239,7 +239,7 @@ async def _control_plane(
     backoff = Backoff(maximum=config.grpc_max_backoff)
     client_tls = tls.client() if tls else None
     # NSM's per-hop tokens, signed with the SVID's key (none in plain text).
-    signer = Signer(tls.identity, config.max_token_lifetime) if tls else None
+    signer = Signer.of(tls, config.max_token_lifetime) if tls else None
     async with trio.open_nursery() as plane:
         nsp_channel = nsp.nsp_channel(config, client_tls)
         nsm_channel = ReconnectingChannel(

@@ -298,7 +298,7 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
 
     def signer(self) -> Signer | None:
         tls = self.settings.tls
-        return Signer(tls.identity, self.settings.token_lifetime) if tls else None
+        return Signer.of(tls, self.settings.token_lifetime) if tls else None
 
     def _client_tls(self) -> Tls | None:
         return self.settings.tls.client() if self.settings.tls else None

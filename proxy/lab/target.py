@@ -195,7 +195,7 @@ class Target:
 
     def signer(self) -> Signer | None:
         tls = self.settings.tls
-        return Signer(tls.identity, self.settings.token_lifetime) if tls else None
+        return Signer.of(tls, self.settings.token_lifetime) if tls else None
 
     def client_tls(self) -> Tls | None:
         return self.settings.tls.client() if self.settings.tls else None

@@ -170,6 +170,7 @@ class TopologySpec:
     # Mutual TLS everywhere with SVIDs from the lab's Workload API (`lab spire`); False: the
     # quick mode, plain text (the proxy with NSM_IDENTITY=insecure).
     secure: bool = True
+    svid_rotate: float | None = None  # how often `lab spire` issues new SVIDs (None: 30 min)
     # The NSM manager's connection lifetime: how long a client that died without closing
     # keeps its connection (and the proxy its port and addresses), at most.
     nsm_lifetime: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
@@ -185,6 +186,7 @@ class TopologySpec:
             "lb_lifetime": self.lb_lifetime,
             "nsm_lifetime": self.nsm_lifetime,
             "secure": self.secure,
+            "svid_rotate": self.svid_rotate,
             "timeout": self.timeout,
         }
 
@@ -200,6 +202,7 @@ class TopologySpec:
             lb_lifetime=data.get("lb_lifetime", 60.0),
             nsm_lifetime=data.get("nsm_lifetime", 60.0),
             secure=data.get("secure", False),
+            svid_rotate=data.get("svid_rotate"),
             timeout=data.get("timeout", 60.0),
         )
 
@@ -654,7 +657,8 @@ class Topology:
             for workload, path in WORKLOADS.items()
             for a in ("--socket", f"{self.socket_path(f'spire-{workload}')}={path}")
         ]
-        return self._lab_argv("spire", "--trust-domain", TRUST_DOMAIN, *sockets)
+        rotate = ["--rotate", f"{self.spec.svid_rotate:g}s"] if self.spec.svid_rotate else []
+        return self._lab_argv("spire", "--trust-domain", TRUST_DOMAIN, *sockets, *rotate)
 
     def _identity_args(self, workload: str) -> list[str]:
         """`--spiffe-socket` of a lab workload, in the secure mode."""

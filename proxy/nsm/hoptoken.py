@@ -16,6 +16,7 @@ Plain text (no identity) has no tokens: there is no SPIFFE ID to sign for or che
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 
@@ -28,6 +29,7 @@ from proxy.api.networkservice.connection_pb2 import Connection, PathSegment
 from proxy.rpc import Channel, Peer, RpcFailedError, Status, StatusCode
 from proxy.security.policy import Denial, authorize_request
 from proxy.security.spiffe import Identity, IdentityError, certificate_spiffe_id
+from proxy.security.tls import SpiffeTls
 from proxy.security.tokens import Token, TokenError, generate, read_token_metadata, token_metadata
 from proxy.watched import Watched
 
@@ -65,15 +67,24 @@ def _stamp(when: datetime) -> Timestamp:
 
 @attrs.frozen
 class Signer:
-    """Signs tokens with the current SVID (`identity`), valid at most `max_lifetime` seconds."""
+    """Signs tokens with an SVID's key, valid at most `max_lifetime` seconds: for a connection,
+    the SVID its TLS context presents (`sources`: a token the peer checks against our
+    certificate must be signed by that certificate's key, also after a rotation); else the
+    current one (`identity`)."""
 
     identity: Watched[Identity | None]
     max_lifetime: float
+    sources: Callable[[ssl.SSLContext | None], Identity | None] = lambda _: None
     clock: Callable[[], datetime] = _now
 
-    def token_for(self, peer: Peer) -> Token:
-        """A token for the TLS peer `peer` (its SPIFFE ID as the audience)."""
-        identity = self.identity.value
+    @classmethod
+    def of(cls, tls: SpiffeTls, max_lifetime: float) -> Signer:
+        return cls(tls.identity, max_lifetime, tls.identity_of)
+
+    def token_for(self, peer: Peer, local: ssl.SSLContext | None = None) -> Token:
+        """A token for the TLS peer `peer` (its SPIFFE ID as the audience), signed with the
+        SVID of our end's context `local` when it is one of ours."""
+        identity = self.sources(local) or self.identity.value
         if identity is None:
             raise IdentityError("no identity to sign with")
         certificate = peer_certificate(peer)
@@ -93,16 +104,18 @@ class Signer:
 
     # -- client ----------------------------------------------------------------------------------
 
-    def client_call(self, connection: Connection, peer: Peer) -> Metadata:
-        """updatetoken client: sign our segment (at `path.index`) for `peer`; the metadata for
-        the call (the same token)."""
-        token = self.token_for(peer)
+    def client_call(self, connection: Connection, channel: Channel) -> Metadata:
+        """updatetoken client: sign our segment (at `path.index`) for the peer of `channel`;
+        the metadata for the call (the same token)."""
+        token = self.token_for(channel.connection.peer, channel.connection.tls_context)
         _set(connection.path.path_segments[connection.path.index], token)
         return token_metadata(token)
 
-    def metadata_for(self, peer: Peer) -> Metadata:
-        """The per-RPC token metadata alone (registry calls, Close, MonitorConnections)."""
-        return token_metadata(self.token_for(peer))
+    def metadata_for(self, channel: Channel) -> Metadata:
+        """The per-RPC token metadata alone (registry calls, MonitorConnections)."""
+        return token_metadata(
+            self.token_for(channel.connection.peer, channel.connection.tls_context)
+        )
 
     # -- server ----------------------------------------------------------------------------------
 
@@ -144,11 +157,11 @@ def sign_request(signer: Signer | None, connection: Connection, channel: Channel
     the call's metadata; nothing in plain text (`signer` None)."""
     if signer is None:
         return ()
-    return signer.client_call(connection, channel.connection.peer)
+    return signer.client_call(connection, channel)
 
 
 def call_metadata(signer: Signer | None, channel: Channel) -> Metadata:
     """The token metadata of any other NSM call on `channel` (registry, monitor)."""
     if signer is None:
         return ()
-    return signer.metadata_for(channel.connection.peer)
+    return signer.metadata_for(channel)

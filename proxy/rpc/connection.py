@@ -254,6 +254,10 @@ class Connection:
         self.peer = peer
         # Descriptors passed with the calls (grpcfd); None unless the transport is an FdStream.
         self.fds: FdTransceiver | None = transceiver_of(transport)
+        # The SSL context this end used (its own certificate: what its tokens must match).
+        self.tls_context: ssl.SSLContext | None = (
+            transport.context if isinstance(transport, trio.SSLStream) else None
+        )
         self.max_message_length = max_message_length
         self._protocol = _Protocol(
             GRPCConfiguration(client_side=client_side, max_message_length=max_message_length)

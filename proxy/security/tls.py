@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import ssl
+import weakref
 from collections.abc import Iterable, Iterator
 
 import attrs
@@ -145,11 +146,20 @@ class SpiffeTls:
         self._identity = identity
         self._authorizer = authorizer
         self._built: tuple[Identity, ssl.SSLContext, ssl.SSLContext] | None = None
+        # Which identity each context was built from: a connection keeps its context across
+        # rotations, and what is signed for that connection must match its certificate.
+        self._sources: weakref.WeakKeyDictionary[ssl.SSLContext, Identity] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def identity(self) -> Watched[Identity | None]:
         """The identity followed (also what NSM's tokens are signed with)."""
         return self._identity
+
+    def identity_of(self, context: ssl.SSLContext | None) -> Identity | None:
+        """The identity `context` (one of ours) presents; None for another context."""
+        return self._sources.get(context) if context is not None else None
 
     def authorizer(self) -> Authorizer:
         return self._authorizer or Authorizer.trust_domain_of(self._current())
@@ -176,4 +186,5 @@ class SpiffeTls:
             client = client_context(identity, authorizer)
             server = server_context(identity, authorizer)
             self._built = (identity, client, server)
+            self._sources[client] = self._sources[server] = identity
         return self._built[1], self._built[2]

@@ -124,8 +124,7 @@ def test_authorizer() -> None:
     assert default.refusal(SpiffeId("lab.example", "/anything")) is None
     refused = default.refusal(SpiffeId("other.example", "/proxy"))
     assert refused == (
-        "SPIFFE ID spiffe://other.example/proxy is not authorized"
-        " (allowed: spiffe://lab.example/*)"
+        "SPIFFE ID spiffe://other.example/proxy is not authorized (allowed: spiffe://lab.example/*)"
     )
     listed = Authorizer.parse(["spiffe://lab.example/nsm", " other.example "])
     assert listed.refusal(SpiffeId("lab.example", "/nsm")) is None

@@ -76,7 +76,7 @@ async def serve_nsm(
         monitor_buffer=watch_buffer,
         path_map=path_map,
         client_tls=tls.client() if tls else None,
-        signer=Signer(tls.identity, default_lifetime) if tls else None,
+        signer=Signer.of(tls, default_lifetime) if tls else None,
     )
     manager = Manager(registry, forwarder, clock, settings)
     servicers = [
