@@ -54,6 +54,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.reconcile
 	$(BIN)/python -m benchmarks.failover
+	$(BIN)/python -m benchmarks.security
 
 # -- the container image (container/, docs/operations.md) ----------------------------------------
 # `make image` builds $(IMAGE) with podman, without any image registry: the base is a Debian
