@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,3 +25,14 @@ def warnings() -> Iterator[list[dict[str, Any]]]:
         yield records
     finally:
         logger.remove(sink)
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    """A fresh directory for sockets, short enough for AF_UNIX's 107-byte paths (pytest's
+    tmp_path may not be), removed afterwards."""
+    path = tempfile.mkdtemp(dir="/tmp", prefix="mp-sock-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -7,9 +7,7 @@ PERMISSION_DENIED with the policy that failed."""
 from __future__ import annotations
 
 import datetime
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -25,7 +23,7 @@ from proxy.nsm.path import server_hop
 from proxy.rpc import CallContext, RpcFailedError, Server, StatusCode, open_channel
 from proxy.security.spiffe import Identity
 from proxy.security.tls import SpiffeTls
-from proxy.security.tokens import generate, token_metadata
+from proxy.security.tokens import Token, generate, token_metadata
 from proxy.watched import Watched
 
 pytestmark = pytest.mark.timeout(30)
@@ -45,13 +43,17 @@ class CheckingEndpoint(networkservice_grpc.NetworkServiceServicer):  # type: ign
         return hop.answer(hop.connection)
 
 
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    path = tempfile.mkdtemp(dir="/tmp", prefix="hoptok-")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def token(key_of: Identity, claims_of: Identity, peer_id: str, now: datetime.datetime) -> Token:
+    """A token claiming to be `claims_of`'s, for `peer_id`, signed with `key_of`'s key."""
+    return generate(
+        key_of.svid.key,
+        own_id=str(claims_of.spiffe_id),
+        own_not_after=claims_of.svid.not_after,
+        now=now,
+        max_lifetime=datetime.timedelta(minutes=1),
+        peer_id=peer_id,
+        peer_not_after=claims_of.svid.not_after,
+    )
 
 
 def signer(identity: Identity, lifetime: float = 60.0, **kwargs: object) -> Signer:
@@ -117,42 +119,16 @@ async def test_bad_tokens_are_permission_denied_with_the_policy(sockdir: str) ->
     now = datetime.datetime.now(datetime.UTC)
     async with endpoint(path, ca.identity("/proxy")):
         assert "caller token" in await denied(path, client, metadata=())
-        good = generate(
-            client.svid.key,
-            own_id=str(client.spiffe_id),
-            own_not_after=client.svid.not_after,
-            now=now,
-            max_lifetime=datetime.timedelta(minutes=1),
-            peer_id=f"spiffe://{DOMAIN}/proxy",
-            peer_not_after=client.svid.not_after,
-        )
+        proxy_id = f"spiffe://{DOMAIN}/proxy"
+        good = token(client, client, proxy_id, now)
         (key, value), expires = token_metadata(good)
         header, payload, signature = value.split(".")
         tampered = ((key, f"{header}.{payload[:-2]}AA.{signature}"), expires)
         assert "tokens_valid" in await denied(path, client, metadata=tampered)
         past = signer(client, clock=lambda: now - datetime.timedelta(hours=1))
         assert "tokens_expired" in await denied(path, client, sign=past)
-        elsewhere = generate(
-            client.svid.key,
-            own_id=str(client.spiffe_id),
-            own_not_after=client.svid.not_after,
-            now=now,
-            max_lifetime=datetime.timedelta(minutes=1),
-            peer_id=f"spiffe://{DOMAIN}/someone-else",
-            peer_not_after=client.svid.not_after,
-        )
+        elsewhere = token(client, client, f"spiffe://{DOMAIN}/someone-else", now)
         assert "tokens_chained" in await denied(path, client, metadata=token_metadata(elsewhere))
         # Signed by another workload than the TLS peer (a token passed on by a third party).
-        thief = ca.identity("/thief")
-        stolen = token_metadata(
-            generate(
-                thief.svid.key,
-                own_id=str(client.spiffe_id),
-                own_not_after=client.svid.not_after,
-                now=now,
-                max_lifetime=datetime.timedelta(minutes=1),
-                peer_id=f"spiffe://{DOMAIN}/proxy",
-                peer_not_after=client.svid.not_after,
-            )
-        )
+        stolen = token_metadata(token(ca.identity("/thief"), client, proxy_id, now))
         assert "prev_token_signed" in await denied(path, client, metadata=stolen)

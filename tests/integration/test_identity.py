@@ -12,9 +12,7 @@
 from __future__ import annotations
 
 import datetime
-import shutil
 import ssl
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -47,15 +45,6 @@ pytestmark = pytest.mark.timeout(60)
 DOMAIN = "lab.example"
 SERVING = HealthCheckResponse.SERVING
 HOUR = datetime.timedelta(hours=1)
-
-
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    path = tempfile.mkdtemp(dir="/tmp", prefix="ident-")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

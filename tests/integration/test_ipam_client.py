@@ -7,10 +7,8 @@ run, over a UNIX socket in a short /tmp directory.
 from __future__ import annotations
 
 import ipaddress
-import shutil
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -41,16 +39,6 @@ MAX_BACKOFF = 0.2
 BRIDGE = frozenset(
     {ipaddress.ip_interface("198.18.0.1/24"), ipaddress.ip_interface("2001:db8:100::1/64")}
 )
-
-
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    # pytest's tmp_path can be longer than the 107 bytes an AF_UNIX path may have.
-    path = tempfile.mkdtemp(dir="/tmp", prefix="ipamc-")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def channel_to(path: str) -> ReconnectingChannel:

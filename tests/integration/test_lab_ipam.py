@@ -7,9 +7,7 @@ run in threads through `trio.to_thread`, each with its own timeout.
 from __future__ import annotations
 
 import ipaddress
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -31,16 +29,6 @@ pytestmark = pytest.mark.timeout(30)
 
 TRENCH = "trench-a"
 CALL_TIMEOUT = 10.0
-
-
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    # pytest's tmp_path can be longer than the 107 bytes an AF_UNIX path may have.
-    path = tempfile.mkdtemp(dir="/tmp", prefix="ipam-")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def child(

@@ -79,16 +79,6 @@ def command(service: str) -> tuple[str, str]:
     return cmd, arg
 
 
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    # pytest's tmp_path can be longer than the 107 bytes an AF_UNIX path may have.
-    path = tempfile.mkdtemp(dir="/tmp", prefix="rpc-")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 # -- the layer's side: a recording servicer --------------------------------------------------------
 
 
