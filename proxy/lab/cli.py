@@ -274,7 +274,11 @@ def _nsm_parser() -> _Parser:
         " the request to it, and wires the connection with a veth pair between the client's"
         " and the endpoint's network namespaces (root needed, unless --no-kernel).",
     )
-    _add_listen(parser, "unix:///path (a UNIX socket: clients are known by their process)")
+    _add_listen(
+        parser,
+        "unix:///path (a UNIX socket: clients pass their namespaces on it as file descriptors,"
+        " or are known by their process)",
+    )
     parser.add_argument(
         "--no-kernel",
         action="store_true",
@@ -293,7 +297,8 @@ def _nsm_parser() -> _Parser:
         type=_path_map,
         metavar="INSIDE=OUTSIDE",
         help="dial an endpoint registered at unix://INSIDE/... at unix://OUTSIDE/... (for"
-        " endpoints in containers; NSM itself gets the socket as a file descriptor)",
+        " endpoints in containers that register a path; one that passes its socket as a file"
+        " descriptor, as NSM's do, is dialled through that)",
     )
     _add_identity(parser)
     _add_logging(parser)
@@ -528,7 +533,8 @@ def _kernel_forwarder() -> Callable[[], Forwarder]:
 def _nsm_task(options: argparse.Namespace) -> Callable[..., Awaitable[Any]]:
     if not isinstance(options.listen, UnixAddress):
         raise _UsageError(
-            "--listen must be unix:///path: the manager knows its clients by their process"
+            "--listen must be unix:///path: clients pass their namespaces on it as file"
+            " descriptors (or are known by their process)"
         )
     if options.lifetime <= 0:
         raise _UsageError("--lifetime must be more than 0")

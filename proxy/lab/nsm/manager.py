@@ -20,23 +20,29 @@ Request:
 5. Forwarded to the NSE's registered URL with the caller's deadline (the manager's own segment
    expiring at now + lifetime, `path.index` at the manager's hop: the NSE appends its segment and
    answers with the manager's id and index restored).
-6. Wired: `forwarder.connect(Wiring)`, the client's netns from its `file://` inodeURL or its
-   socket peer's pid, the NSE's likewise; interface names from the mechanisms' `name` parameters
-   or generated as NSM does. A failure here closes the NSE side again, disconnects, and fails the
-   Request (nothing is left half-made).
+6. Wired: `forwarder.connect(Wiring)`, with the client's network namespace and the NSE's as
+   NSM's recvfd finds them: an `inode://` inodeURL is the descriptor passed with the call (the
+   client's on its connection to the manager, within the call's deadline; the NSE's with its
+   answer), held for the connection's life and handed to the forwarder as
+   `/proc/<manager pid>/fd/<n>` (`recvfd.Netns`); only without one (a client or NSE that passes
+   no descriptors: grpcio, a TCP peer), a `file://` inodeURL or else the socket peer's pid,
+   logged at DEBUG. Interface names from the mechanisms' `name` parameters or generated as NSM
+   does. A failure here closes the NSE side again, disconnects, and fails the Request (nothing
+   is left half-made).
 7. Answered: the NSE's connection with the caller's id and path index restored and the client's
    mechanism (LOCAL/KERNEL, `name` = the client interface).
 
 Close: forwarded to the NSE (best effort, bounded), the pair disconnected, the connection
-forgotten; an unknown connection is a success. Expiry: a connection not refreshed by the earliest
-`expires` of its path segments (the manager's own is now + lifetime at each Request) is closed
-on both sides. MonitorConnections: INITIAL_STATE_TRANSFER with the matching connections, then
-UPDATE after each successful Request and DELETE after each Close, expiry or teardown, filtered
-by the selector; the map key is the connection id at the manager's hop.
+forgotten and its namespace descriptors closed; an unknown connection is a success. Expiry: a
+connection not refreshed by the earliest `expires` of its path segments (the manager's own is
+now + lifetime at each Request) is closed on both sides. MonitorConnections:
+INITIAL_STATE_TRANSFER with the matching connections, then UPDATE after each successful Request
+and DELETE after each Close, expiry or teardown, filtered by the selector; the map key is the
+connection id at the manager's hop.
 
-No tokens and no fd passing (the lab trusts its local clients). A `file://` inodeURL that names
-`/proc/self/...` or `/proc/thread-self/...` means the sender's own: it is read as
-`/proc/<peer pid>/...`.
+A `file://` inodeURL that names `/proc/self/...` or `/proc/thread-self/...` means the sender's
+own: it is read as `/proc/<peer pid>/...` (the fallback: a process can be in another namespace
+than the one it means, which is why NSM passes descriptors).
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ from proxy.api.networkservice.networkservice_grpc import NetworkServiceStub
 from proxy.api.networkservice.networkservice_pb2 import NetworkServiceRequest
 from proxy.api.registry.registry_pb2 import NetworkService, NetworkServiceEndpoint
 from proxy.lab.nsm.forwarding import Forwarder, Wiring
+from proxy.lab.nsm.recvfd import Netns
 from proxy.lab.nsm.registry import (
     Mailbox,
     Overflow,
@@ -91,6 +98,7 @@ from proxy.nsm.hoptoken import Signer, sign_request
 from proxy.rpc import (
     AddressError,
     CallContext,
+    Channel,
     DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
@@ -101,6 +109,7 @@ from proxy.rpc import (
     UnavailableError,
     open_channel,
 )
+from proxy.rpc.fdpass import FdTransceiver, FdUrlError, is_inode_url, parse_inode_url
 from proxy.rpc.status import describe_status
 
 DEFAULT_NAME = "nsmgr-lab"
@@ -267,8 +276,9 @@ def choose(candidates: Iterable[NetworkServiceEndpoint]) -> NetworkServiceEndpoi
 
 
 def netns_path(mechanism: Mechanism | None, pid: int | None) -> str | None:
-    """A network namespace file: the mechanism's `file://` inodeURL (`/proc/self/...` read as
-    the sender's), else the sender's `/proc/<pid>/ns/net`; None when neither is known."""
+    """Without a descriptor, a network namespace file: the mechanism's `file://` inodeURL
+    (`/proc/self/...` read as the sender's), else the sender's `/proc/<pid>/ns/net`; None when
+    neither is known."""
     url = mechanism.parameters.get(INODE_URL, "") if mechanism is not None else ""
     if url.startswith("file://"):
         path = url[len("file://") :]
@@ -279,6 +289,25 @@ def netns_path(mechanism: Mechanism | None, pid: int | None) -> str | None:
     if pid is not None and pid > 0:
         return f"/proc/{pid}/ns/net"
     return None
+
+
+def netns_fallback(mechanism: Mechanism | None) -> str:
+    """How `netns_path` found a namespace (for the log): by the inodeURL or by the process."""
+    url = mechanism.parameters.get(INODE_URL, "") if mechanism is not None else ""
+    return "file:// inodeURL" if url.startswith("file://") else "socket peer's process"
+
+
+def passed_url(mechanism: Mechanism | None) -> str | None:
+    """The mechanism's inodeURL when it names a passed descriptor (`inode://dev/ino`), else
+    None; BadRequest when it is `inode://` but malformed."""
+    url = mechanism.parameters.get(INODE_URL, "") if mechanism is not None else ""
+    if not is_inode_url(url):
+        return None
+    try:
+        parse_inode_url(url)
+    except FdUrlError as exc:
+        raise BadRequest(f"mechanism parameter inodeURL: {exc}") from None
+    return url
 
 
 def valid_ifname(name: str) -> bool:
@@ -377,14 +406,24 @@ def wiring_for(
     answer: Connection,
     endpoint_pid: int | None,
     endpoint_ifname: str,
+    endpoint_netns: str | None = None,
 ) -> Wiring:
-    """The pair for the NSE's `answer`; `endpoint_ifname` when the answer names none."""
+    """The pair for the NSE's `answer`; `endpoint_ifname` when the answer names none. The NSE's
+    namespace is `endpoint_netns` (a descriptor it passed) or else what its answer's `file://`
+    inodeURL or its process (`endpoint_pid`) says."""
     mechanism = answer.mechanism if answer.HasField("mechanism") else None
-    endpoint_netns = netns_path(mechanism, endpoint_pid)
     if endpoint_netns is None:
-        raise WiringError(
-            "cannot tell the endpoint's network namespace: no file:// inodeURL in its answer"
-            " and no process behind its socket"
+        endpoint_netns = netns_path(mechanism, endpoint_pid)
+        if endpoint_netns is None:
+            raise WiringError(
+                "cannot tell the endpoint's network namespace: no descriptor and no file://"
+                " inodeURL in its answer, and no process behind its socket"
+            )
+        logger.debug(
+            "endpoint namespace without a descriptor",
+            conn_id=connection_id,
+            by=netns_fallback(mechanism),
+            path=endpoint_netns,
         )
     if mechanism is not None and mechanism.parameters.get(NAME):
         endpoint_ifname = mechanism.parameters[NAME]
@@ -408,8 +447,8 @@ def wiring_for(
 class ManagerSettings:
     name: str = DEFAULT_NAME
     # (container path, host path): an endpoint URL under the first is dialled under the second.
-    # Real NSM receives the endpoint's socket as a file descriptor and never needs this; the lab
-    # stands in with a path map for endpoints in containers (their /tmp is elsewhere here).
+    # An endpoint that passes its socket as a descriptor (as NSM's do) never needs this; the
+    # map is for one in a container that registers a path (its /tmp is elsewhere here).
     path_map: tuple[str, str] | None = None
     lifetime: float = DEFAULT_LIFETIME  # of the manager's own path segment, from each Request
     request_timeout: float = REQUEST_TIMEOUT
@@ -420,11 +459,19 @@ class ManagerSettings:
 
 
 @attrs.frozen
+class Passed:
+    """A namespace the client passed as a descriptor: its URL and the connection it came on."""
+
+    url: str  # inode://dev/ino
+    fds: FdTransceiver
+
+
+@attrs.frozen
 class _RequestOp:
     request: NetworkServiceRequest  # the connection at the manager's hop
     caller_index: int
     client_mechanism: Mechanism
-    client_netns: str
+    client_netns: str | Passed  # a path (the fallbacks) or the descriptor to receive
     deadline: float
     reply: trio.MemorySendChannel[outcome.Outcome[Any]]
 
@@ -488,15 +535,26 @@ class Manager:
             connection = Connection()
             connection.CopyFrom(request.connection)
             caller_index = update_path(connection, self.settings.name, _new_id)
+            passed = passed_url(mechanism)
         except BadRequest as exc:
             raise InvalidArgumentError(str(exc)) from None
         if self.settings.signer is not None:
             self.settings.signer.server_check(connection, context.custom_metadata, context.peer)
-        client_netns = netns_path(mechanism, context.peer.pid)
-        if client_netns is None:
-            raise InvalidArgumentError(
-                "cannot tell the client's network namespace: no file:// inodeURL in its"
-                " mechanism and no process behind its socket"
+        client_netns: str | Passed | None = None
+        if passed is not None and context.fds is not None:
+            client_netns = Passed(passed, context.fds)  # received by the connection's task
+        else:
+            client_netns = netns_path(mechanism, context.peer.pid)
+            if client_netns is None:
+                raise InvalidArgumentError(
+                    "cannot tell the client's network namespace: no descriptor and no file://"
+                    " inodeURL in its mechanism, and no process behind its socket"
+                )
+            logger.debug(
+                "client namespace without a descriptor",
+                conn_id=connection.id,
+                by=netns_fallback(mechanism),
+                path=client_netns,
             )
         forwarded = NetworkServiceRequest()
         forwarded.CopyFrom(request)
@@ -659,12 +717,16 @@ class Manager:
         return chosen
 
     async def call_endpoint(
-        self, nse: NetworkServiceEndpoint, method: str, message: Any
-    ) -> tuple[Any, Peer]:
+        self, nse: NetworkServiceEndpoint, method: str, message: Any, netns: Netns | None = None
+    ) -> tuple[Any, Peer, str | None]:
         """Request or Close on the NSE at its registered URL, within the current deadline;
         failures come out as RpcFailedError naming the NSE. The URL is the NSE's current
         registration when it has one: a restarted endpoint registers a new socket, and its
-        connections' refreshes and closes must reach it there (NSM heals them likewise)."""
+        connections' refreshes and closes must reach it there (NSM heals them likewise).
+
+        With `netns`, the namespace a Request's answer passed as a descriptor is received (on
+        this channel, before it closes: it holds the descriptor), staged in `netns` as the
+        "endpoint" one; its path is the third value (None: the answer passed none)."""
         nse = await self.registry.endpoint(nse.name) or nse
         where = f"endpoint {nse.name!r} ({nse.url or 'no URL'})"
         try:
@@ -678,7 +740,10 @@ class Manager:
                 reply = await getattr(NetworkServiceStub(channel), method)(
                     message, metadata=metadata
                 )
-                return reply, channel.connection.peer
+                path = None
+                if netns is not None:
+                    path = await _endpoint_netns(reply, channel, netns)
+                return reply, channel.connection.peer, path
         except AddressError as exc:
             raise UnavailableError(f"{where} has no valid URL: {exc}") from None
         except UnavailableError as exc:
@@ -689,6 +754,18 @@ class Manager:
             raise RpcFailedError(
                 Status(exc.status.status_code, f"{where} answered {describe_status(exc)}")
             ) from None
+
+
+async def _endpoint_netns(answer: Connection, channel: Channel, netns: Netns) -> str | None:
+    """The path of the namespace the NSE's answer passed as a descriptor, or None."""
+    mechanism = answer.mechanism if answer.HasField("mechanism") else None
+    try:
+        url = passed_url(mechanism)
+    except BadRequest as exc:
+        raise FailedPreconditionError(f"the endpoint's answer: {exc}") from None
+    if url is None or channel.fds is None:
+        return None
+    return await netns.path("endpoint", channel.fds, url)
 
 
 class _ConnectionTask:
@@ -709,20 +786,25 @@ class _ConnectionTask:
         self.published = Connection()  # the same with the client's mechanism
         self.wiring: Wiring | None = None
         self.expires = math.inf  # wall clock
+        self.netns = Netns()  # the namespaces the wiring names by descriptor
 
     async def run(self) -> None:
-        with self.inbox:
-            while True:
-                if self.endpoint is None and await self.manager.retire(self.id, self.inbox):
-                    return
-                op = None
-                with trio.move_on_at(self.manager.clock.trio_time(self.expires)):
-                    op = await self.inbox.receive()
-                if op is None:
-                    self.log.info("connection expired", nse=self._nse_name())
-                    await self._teardown(self.manager.settings.close_timeout)
-                else:
-                    await self._apply(op)
+        try:
+            with self.inbox:
+                while True:
+                    if self.endpoint is None and await self.manager.retire(self.id, self.inbox):
+                        return
+                    op = None
+                    with trio.move_on_at(self.manager.clock.trio_time(self.expires)):
+                        op = await self.inbox.receive()
+                    if op is None:
+                        self.log.info("connection expired", nse=self._nse_name())
+                        await self._teardown(self.manager.settings.close_timeout)
+                    else:
+                        await self._apply(op)
+        finally:
+            # The manager stopping: its pairs stay (as the forwarder's do), not its descriptors.
+            self.netns.close()
 
     async def _apply(self, op: _Op) -> None:
         result: outcome.Outcome[Any] = outcome.Error(
@@ -770,9 +852,20 @@ class _ConnectionTask:
             endpoint_mechanism,
             manager.clock.now() + manager.settings.lifetime,
         )
-        answer, peer = await manager.call_endpoint(endpoint, "Request", forwarded)
         try:
-            mechanism, wiring = self._resolve(op, connection, answer, peer, previous_wiring)
+            client_netns = await self._client_netns(op)
+            answer, peer, endpoint_netns = await manager.call_endpoint(
+                endpoint, "Request", forwarded, self.netns
+            )
+        except BaseException:
+            self.netns.rollback()  # what this attempt received; what the wiring uses stays
+            raise
+        if endpoint_netns is None:
+            self.netns.forget("endpoint")
+        try:
+            mechanism, wiring = self._resolve(
+                op, connection, answer, peer, previous_wiring, client_netns, endpoint_netns
+            )
             await manager.forwarder.connect(wiring)
         except trio.Cancelled:
             await self._undo(endpoint, answer, refresh)
@@ -784,6 +877,7 @@ class _ConnectionTask:
             self.log.opt(exception=exc).error("forwarder failed", nse=endpoint.name)
             await self._undo(endpoint, answer, refresh)
             raise InternalError(f"forwarder failed: {type(exc).__name__}: {exc}") from None
+        self.netns.commit()  # the pair has moved off any namespace replaced: close those
         self.endpoint, self.answer, self.wiring = endpoint, answer, wiring
         self.published = Connection()
         self.published.CopyFrom(answer)
@@ -797,6 +891,8 @@ class _ConnectionTask:
             nse=endpoint.name,
             client_if=wiring.client_ifname,
             endpoint_if=wiring.endpoint_ifname,
+            client_ns=wiring.client_netns,
+            endpoint_ns=wiring.endpoint_netns,
         )
         with trio.CancelScope(shield=True):  # established: the monitors must hear of it
             await manager.publish(UPDATE, self.published)
@@ -805,6 +901,16 @@ class _ConnectionTask:
         restore_caller(reply, op.caller_index)
         return reply
 
+    async def _client_netns(self, op: _RequestOp) -> str:
+        """The path of the client's namespace: the descriptor it passed (held from an earlier
+        Request when it is the same one, else received within the call's deadline) or the
+        path the fallbacks found."""
+        source = op.client_netns
+        if isinstance(source, str):
+            self.netns.forget("client")
+            return source
+        return await self.netns.path("client", source.fds, source.url)
+
     def _resolve(
         self,
         op: _RequestOp,
@@ -812,6 +918,8 @@ class _ConnectionTask:
         answer: Connection,
         peer: Peer,
         previous: Wiring | None,
+        client_netns: str,
+        endpoint_netns: str | None,
     ) -> tuple[Mechanism, Wiring]:
         """The client-side mechanism and the wiring for the NSE's answer (WiringError)."""
         index = connection.path.index
@@ -829,11 +937,12 @@ class _ConnectionTask:
         endpoint_ifname = previous.endpoint_ifname if previous is not None else ""
         wiring = wiring_for(
             self.id,
-            op.client_netns,
+            client_netns,
             mechanism.parameters[NAME],
             answer,
             peer.pid,
             endpoint_ifname or interface_name(service),
+            endpoint_netns,
         )
         if not answer.HasField("mechanism"):
             answer.mechanism.CopyFrom(Mechanism(cls=LOCAL, type=KERNEL))
@@ -852,6 +961,7 @@ class _ConnectionTask:
             await self._disconnect()
             if refresh:
                 await self._forget()
+            self.netns.close()  # the pair is gone: nothing names these namespaces any more
 
     # -- Close, expiry --------------------------------------------------------------------------
 
@@ -893,9 +1003,11 @@ class _ConnectionTask:
         return None
 
     async def _forget(self) -> None:
+        """After `_disconnect` (the forwarder needed the namespaces to take the pair down)."""
         published = self.published
         self.endpoint, self.wiring, self.expires = None, None, math.inf
         self.answer, self.published = Connection(), Connection()
+        self.netns.close()
         await self.manager.publish(DELETE, published)
 
 

@@ -11,7 +11,17 @@
 * Find query matching (NSE): a non-empty `name` is exact; `network_service_names` ⊆ the NSE's;
   `network_service_labels` per service a subset; `url` a substring; `expiration_time` seconds
   equal when set. (NS): a non-empty `name` is exact; a non-empty `payload` equal.
-* No tokens, no path metadata, no fd passing: the lab trusts its local clients.
+* An endpoint that registers its socket as a descriptor (NSM's sendfd: `url` is
+  `inode://dev/ino` and the socket file came with the call) is stored at
+  `unix:///proc/<our pid>/fd/<n>`, where the manager dials it whatever mount namespace the
+  endpoint lives in (nsmgr's recvfd). The registry holds the descriptor until the endpoint
+  unregisters, expires or registers another socket (a refresh naming the same socket keeps the
+  one it has, and so its URL). Find answers with that URL, as nsmgr's localbypass does for its
+  local endpoints (it stores the real URL and publishes its own upstream; the lab is the one
+  node's nsmgr and registry in one); the Register answer carries the URL the endpoint sent, for
+  it to map back. An `inode://` URL on a connection that cannot carry descriptors (TCP) is
+  stored as it came, as recvfd passes it on; any other URL (`unix://path`, `tcp://`) likewise.
+* No tokens and no path metadata: the lab trusts its local clients.
 
 All state is owned by one task (`Registry.run`); the gRPC handlers and the manager hand it jobs
 through a `Mailbox`. A watcher gets its changes through its own bounded memory channel: one that
@@ -26,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from typing import Any, Generic, NoReturn, TypeVar
@@ -47,9 +58,12 @@ from proxy.api.registry.registry_pb2 import (
     NetworkServiceQuery,
     NetworkServiceResponse,
 )
-from proxy.rpc import CallContext, InvalidArgumentError
+from proxy.lab.nsm.recvfd import Handoff, receive
+from proxy.rpc import CallContext, DeadlineExceededError, InvalidArgumentError
+from proxy.rpc.fdpass import FdUrlError, is_inode_url, parse_inode_url, proc_fd_url
 
 DEFAULT_LIFETIME = 60.0
+RECEIVE_TIMEOUT = 15.0  # for an endpoint's socket descriptor, when the caller set no deadline
 WATCH_BUFFER = 256  # changes a watcher may fall behind before it is dropped
 MAILBOX_SIZE = 64
 UNREGISTERED = -1  # expiration_time.seconds of upstream's legacy "unregistered" marker
@@ -252,20 +266,30 @@ class Registry:
         self._mailbox = Mailbox()
         self._services: dict[str, NetworkService] = {}
         self._endpoints: dict[str, NetworkServiceEndpoint] = {}
+        self._sockets: dict[str, tuple[str, int]] = {}  # by NSE name: (inode URL, descriptor)
         self._service_watchers: list[_Watcher[NetworkService]] = []
         self._endpoint_watchers: list[_Watcher[NetworkServiceEndpoint]] = []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the records: run jobs and expire endpoints, until cancelled."""
         task_status.started()
-        while True:
-            job = None
-            with trio.move_on_at(self.clock.trio_time(next_expiry(self._endpoints.values()))):
-                job = await self._mailbox.next_job()
-            if job is not None:
-                job.run()
-            for name in expired(self._endpoints.values(), self.clock.now()):
-                self._remove_endpoint(name, "expired")
+        try:
+            while True:
+                job = None
+                with trio.move_on_at(self.clock.trio_time(next_expiry(self._endpoints.values()))):
+                    job = await self._mailbox.next_job()
+                if job is not None:
+                    job.run()
+                for name in expired(self._endpoints.values(), self.clock.now()):
+                    self._remove_endpoint(name, "expired")
+        finally:
+            for name in list(self._sockets):
+                self._release_socket(name)
+
+    @property
+    def sockets_held(self) -> int:
+        """Endpoint socket descriptors held (for tests)."""
+        return len(self._sockets)
 
     # -- the API (any task) ---------------------------------------------------------------------
 
@@ -283,8 +307,11 @@ class Registry:
     async def service(self, name: str) -> NetworkService | None:
         return await self._mailbox.ask(lambda: self._services.get(name))
 
-    async def register_endpoint(self, nse: NetworkServiceEndpoint) -> NetworkServiceEndpoint:
-        return await self._mailbox.ask(lambda: self._register_endpoint(nse))
+    async def register_endpoint(
+        self, nse: NetworkServiceEndpoint, socket: Handoff | None = None
+    ) -> NetworkServiceEndpoint:
+        """Store `nse`; `socket`: the descriptor its `inode://` url names, to hold from now on."""
+        return await self._mailbox.ask(lambda: self._register_endpoint(nse, socket))
 
     async def unregister_endpoint(self, nse: NetworkServiceEndpoint) -> None:
         await self._mailbox.ask(lambda: self._remove_endpoint(nse.name, "unregistered"))
@@ -321,25 +348,56 @@ class Registry:
         found = [ns for ns in self._services.values() if ns_matches(query, ns)]
         return found, self._subscribe(self._service_watchers, query, watch, who)
 
-    def _register_endpoint(self, nse: NetworkServiceEndpoint) -> NetworkServiceEndpoint:
+    def _register_endpoint(
+        self, nse: NetworkServiceEndpoint, socket: Handoff | None
+    ) -> NetworkServiceEndpoint:
         if is_unregister_marker(nse):
             self._remove_endpoint(nse.name, "unregistered (expiration_time -1)")
             return nse
+        url = nse.url
+        if socket is not None:
+            fd = socket.take()
+            if fd is None:  # its caller gave up before this job ran: nothing to dial it by
+                logger.debug("registration abandoned by its caller", nse=nse.name)
+                return nse
+            url = self._hold_socket(nse.name, nse.url, fd)
+        else:
+            self._release_socket(nse.name)  # (registered by descriptor before, not now)
         previous = self._endpoints.get(nse.name)
         stored = stamp_registration(nse, previous, self.clock.now(), self.default_lifetime)
+        stored.url = url
         self._endpoints[nse.name] = stored
         log = logger.info if previous is None or previous.url != stored.url else logger.debug
         log(
             "endpoint registered" if previous is None else "endpoint refreshed",
             nse=nse.name,
             services=",".join(nse.network_service_names),
-            url=nse.url,
+            url=stored.url,
+            socket=_socket_path(self._sockets.get(nse.name)) or "-",
             expires_in=round(expiry_of(stored) - self.clock.now(), 3),
         )
         self._notify(self._endpoint_watchers, nse_matches, Change(stored, deleted=False))
         return stored
 
+    def _hold_socket(self, name: str, url: str, fd: int) -> str:
+        """Hold `fd`, the socket `url` (inode://) names, for the endpoint `name`; the URL to
+        dial it at. The same socket again (a refresh) keeps the descriptor held, and its URL."""
+        held = self._sockets.get(name)
+        if held is not None and held[0] == url:
+            os.close(fd)
+            fd = held[1]
+        else:
+            self._release_socket(name)
+            self._sockets[name] = (url, fd)
+        return proc_fd_url(fd, "unix")
+
+    def _release_socket(self, name: str) -> None:
+        held = self._sockets.pop(name, None)
+        if held is not None:
+            os.close(held[1])
+
     def _remove_endpoint(self, name: str, why: str) -> None:
+        self._release_socket(name)
         stored = self._endpoints.pop(name, None)
         if stored is not None:
             logger.info("endpoint removed", nse=name, reason=why)
@@ -387,6 +445,34 @@ def _too_slow(overflow: Overflow) -> ResourceExhaustedError:
     return ResourceExhaustedError(
         f"this watch fell {overflow.pending} changes behind and was dropped; Find again"
     )
+
+
+def _socket_path(held: tuple[str, int] | None) -> str | None:
+    """Where a held endpoint socket lives, as this process sees it (for the log)."""
+    if held is None:
+        return None
+    try:
+        return os.readlink(f"/proc/self/fd/{held[1]}")
+    except OSError:
+        return None
+
+
+async def _receive_socket(nse: NetworkServiceEndpoint, context: CallContext) -> Handoff | None:
+    """The socket an endpoint passed as a descriptor with its Register (recvfd), or None when
+    its url names none (or it came where descriptors cannot: then the url is kept as it is)."""
+    if not is_inode_url(nse.url) or is_unregister_marker(nse):
+        return None
+    try:
+        parse_inode_url(nse.url)
+    except FdUrlError as exc:
+        raise InvalidArgumentError(f"url: {exc}") from None
+    if context.fds is None:
+        logger.debug("inode:// url without a descriptor channel, kept as it is", nse=nse.name)
+        return None
+    deadline = min(context.deadline, trio.current_time() + RECEIVE_TIMEOUT)
+    with trio.move_on_at(deadline):
+        return Handoff(await receive(context.fds, nse.url, f"endpoint {nse.name}'s socket"))
+    raise DeadlineExceededError(f"endpoint {nse.name}'s socket never came as a descriptor")
 
 
 def _who(context: CallContext) -> str:
@@ -444,7 +530,16 @@ class NetworkServiceEndpointRegistryServicer(
     ) -> NetworkServiceEndpoint:
         if not message.name:
             raise InvalidArgumentError("the network service endpoint has no name")
-        return await self._registry.register_endpoint(message)
+        socket = await _receive_socket(message, request)
+        try:
+            stored = await self._registry.register_endpoint(message, socket)
+        finally:
+            if socket is not None:
+                socket.drop()  # (nothing, once the registry has taken it)
+        answer = NetworkServiceEndpoint()
+        answer.CopyFrom(stored)
+        answer.url = message.url  # as recvfd answers: the URL the endpoint sent, to map back
+        return answer
 
     async def Find(
         self, message: NetworkServiceEndpointQuery, request: CallContext

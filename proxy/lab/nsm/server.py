@@ -6,8 +6,9 @@ node's clients and endpoints.
 
 Served: `registry.NetworkServiceRegistry`, `registry.NetworkServiceEndpointRegistry`
 (`proxy.lab.nsm.registry`), `networkservice.NetworkService` and `connection.MonitorConnection`
-(`proxy.lab.nsm.manager`). A UNIX socket only: the manager finds its clients' network namespaces
-through their socket peer's pid.
+(`proxy.lab.nsm.manager`). A UNIX socket only: clients and endpoints pass their network
+namespaces and endpoint sockets as descriptors on it (NSM's grpcfd), and the manager falls back
+to a socket peer's pid for one that does not.
 """
 
 from __future__ import annotations
