@@ -5,7 +5,9 @@ path, no id, a first segment without id, no or another network service than ours
 mechanism, an IP context holding something that is not an address), take our hop in the path,
 allocate the target's addresses keyed by its first path segment id (so they survive a proxy
 restart), set the IP context (`ipcontext.nse_context`), choose the mechanism (KERNEL, or NOOP
-without an interface) with a stable interface name for our side, set the MTU, and tell the
+without an interface) with a stable interface name for our side and, for KERNEL, our network
+namespace (`inodeURL`, as the sdk's kernel mechanism server sets it: sent back to nsmgr as a
+descriptor on a UNIX socket, NSM's sendfd server, `nsm.sendfd`), set the MTU, and tell the
 router to make the interface a bridge port. A connection that is not refreshed before it
 expires is closed as NSM's timeout would: its port is released and its addresses go back to
 IPAM after the release delay. Close does the same at once. MonitorConnections reports the
@@ -50,6 +52,7 @@ from proxy.kernel.router import RouterEvent, SetTargetPort
 from proxy.nsm.hoptoken import Signer
 from proxy.nsm.ipcontext import context_problems, nse_context
 from proxy.nsm.path import Hop, PathError, server_hop
+from proxy.nsm.sendfd import INODE_URL, NETNS_URL, FdPassError, send_mechanisms
 from proxy.nsm.wire import interface_name, seconds, timestamp
 from proxy.rpc import CallContext, InvalidArgumentError, UnavailableError
 from proxy.watched import Watched
@@ -189,6 +192,7 @@ class TargetEndpoint:
             if mechanism.type == KERNEL:
                 interface = interface_name(self.service_name, hop.first_id)
                 mechanism.parameters["name"] = interface
+                mechanism.parameters[INODE_URL] = NETNS_URL
             connection.mechanism.CopyFrom(mechanism)
             segment = connection.path.path_segments[connection.path.index]
             segment.expires.CopyFrom(timestamp(self._wall() + self._default_lifetime))
@@ -209,7 +213,12 @@ class TargetEndpoint:
                 key=hop.first_id,
                 interface=interface or "-",
             )
-            return hop.answer(connection)
+            answer = hop.answer(connection)
+        try:  # last, as the sdk's sendfd server: what we keep names our namespace by its path
+            send_mechanisms(context.fds, [answer.mechanism])
+        except FdPassError as exc:
+            raise UnavailableError(str(exc)) from None
+        return answer
 
     def _accepted(self, message: NetworkServiceRequest) -> tuple[Hop, Mechanism]:
         """Our hop of a request we can serve, and the mechanism; InvalidArgumentError if not."""

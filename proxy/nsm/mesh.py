@@ -6,7 +6,9 @@ Each connection task:
 * requests `NSM_NETWORK_SERVICE_NAME` from the local NSM manager, naming the LB's endpoint, with
   the kernel mechanism and an interface name derived from the connection id, and the IP context
   of the NSC side (`ipcontext.nsc_context`; addresses from IPAM keyed by the connection id);
-  every try is bounded by NSM_REQUEST_TIMEOUT and retried with backoff;
+  every try is bounded by NSM_REQUEST_TIMEOUT and retried with backoff; the mechanism names the
+  proxy's network namespace, which goes as a descriptor on NSM's UNIX socket (`nsm.sendfd`:
+  Requests and Closes carry it, the answer's URL is mapped back);
 * tells the router the LB's interface and addresses (`SetLoadBalancer`): the router makes the
   interface a bridge port and the addresses nexthops while the interface exists;
 * refreshes the connection before its tokens expire (NSM's refresh client: at 0.2 of the time
@@ -49,6 +51,14 @@ from proxy.nsm.discovery import LbEvent, LbGone, LbSeen
 from proxy.nsm.endpoint import Addresses
 from proxy.nsm.hoptoken import Signer, call_metadata, sign_request
 from proxy.nsm.ipcontext import nsc_context
+from proxy.nsm.sendfd import (
+    INODE_URL,
+    NETNS_URL,
+    FdPassError,
+    request_mechanisms,
+    restore_mechanism,
+    send_mechanisms,
+)
 from proxy.nsm.wire import interface_name, seconds
 from proxy.rpc import Backoff, ReconnectingChannel, RpcFailedError, server_stream
 from proxy.rpc.status import describe_status
@@ -221,7 +231,7 @@ class LbConnection:
         while trio.current_time() < until:
             try:
                 return await self._request(self.connection)
-            except (RpcFailedError, trio.TooSlowError) as exc:
+            except (RpcFailedError, trio.TooSlowError, FdPassError) as exc:
                 logger.debug("refresh failed, retrying", conn_id=self.id, reason=_reason(exc))
             await trio.sleep(REFRESH_RETRY)
         return None
@@ -246,14 +256,24 @@ class LbConnection:
                 nsc_context(connection.context.ip_context, src=pair.src, dst=pair.dst)
             )
             connection.context.MTU = self.settings.mtu
-            mechanism = Mechanism(cls="LOCAL", type="KERNEL", parameters={"name": self.interface})
+            if connection.mechanism.type == "KERNEL":
+                # Our namespace now, whatever an earlier answer (or a previous instance of the
+                # proxy, for a recovered connection) said: NSM prefers the connection's own.
+                connection.mechanism.parameters[INODE_URL] = NETNS_URL
+            mechanism = Mechanism(
+                cls="LOCAL",
+                type="KERNEL",
+                parameters={"name": self.interface, INODE_URL: NETNS_URL},
+            )
             request = NetworkServiceRequest(
                 connection=connection, mechanism_preferences=[mechanism]
             )
             channel = await self._nsm.get()
+            sent = send_mechanisms(channel.fds, request_mechanisms(request))
             metadata = sign_request(self.settings.signer, request.connection, channel)
             stub = networkservice_grpc.NetworkServiceStub(channel)
             answer: Connection = await stub.Request(request, metadata=metadata)
+            restore_mechanism(answer.mechanism, sent)
         self.requests += 1
         interface = answer.mechanism.parameters.get("name", self.interface) or self.interface
         await self._router.send(SetLoadBalancer(self.id, interface, lb_addresses(answer)))
@@ -266,13 +286,15 @@ class LbConnection:
                 channel = await self._nsm.get()
                 closing = Connection()
                 closing.CopyFrom(self.connection)
+                if closing.HasField("mechanism"):
+                    send_mechanisms(channel.fds, [closing.mechanism])
                 metadata = sign_request(self.settings.signer, closing, channel)
                 await networkservice_grpc.NetworkServiceStub(channel).Close(
                     closing, metadata=metadata
                 )
                 logger.info("load-balancer connection closed", conn_id=self.id, nse=self.nse)
-            except RpcFailedError as exc:
-                logger.warning("close failed", conn_id=self.id, reason=describe_status(exc))
+            except (RpcFailedError, FdPassError) as exc:
+                logger.warning("close failed", conn_id=self.id, reason=_reason(exc))
         self._addresses.release_later(self.id)
 
 

@@ -3,7 +3,10 @@
 * NS `proxy.<conduit>.<trench>.<namespace>`, payload ETHERNET, matching `nodeName` so that NSM
   routes each target to the proxy of its own node (behaviour reference §5.1);
 * NSE `<NSM_NAME>` offering it with the label `nodeName=<NSM_HOST>`, at the endpoint socket's
-  URL, lifetime 1 minute, re-registered at 2/3 of what is left (§5.2-5.3);
+  URL, lifetime 1 minute, re-registered at 2/3 of what is left (§5.2-5.3); on NSM's UNIX socket
+  the socket file goes as a descriptor with each Register and Unregister and the message names
+  it `inode://dev/ino` (NSM's sendfd, `nsm.sendfd`): nsmgr dials us through it, whatever our
+  mount namespace;
 * when the connection to NSM is lost, both are registered again as soon as it is back, not at
   the next refresh: a restarted registry that kept them in memory has forgotten them, and for up
   to 40 s no target could find this proxy;
@@ -31,6 +34,7 @@ from proxy.api.registry.registry_pb2 import (
     NetworkServiceLabels,
 )
 from proxy.nsm.hoptoken import Signer, call_metadata
+from proxy.nsm.sendfd import FdPassError, send_endpoint_url
 from proxy.nsm.wire import seconds, timestamp
 from proxy.rpc import Backoff, Channel, ReconnectingChannel, RpcFailedError
 from proxy.rpc.status import describe_status
@@ -129,8 +133,8 @@ class Registration:
                     result = await attempt()
                 self._backoff.reset()
                 return result
-            except (RpcFailedError, trio.TooSlowError) as exc:
-                reason = describe_status(exc) if isinstance(exc, RpcFailedError) else "timed out"
+            except (RpcFailedError, trio.TooSlowError, FdPassError) as exc:
+                reason = _reason(exc)
                 if failures == 0:
                     logger.warning("registration failed, retrying", step=what, reason=reason)
                 failures += 1
@@ -146,6 +150,7 @@ class Registration:
             self._service_registered_on = channel
         stub = registry_grpc.NetworkServiceEndpointRegistryStub(channel)
         nse = endpoint(self._name, self._service, self._host, self._url, self._wall() + LIFETIME)
+        nse.url = send_endpoint_url(channel.fds, self._url)
         metadata = call_metadata(self._signer, channel)
         answer: NetworkServiceEndpoint = await stub.Register(nse, metadata=metadata)
         self.registrations += 1
@@ -159,6 +164,11 @@ class Registration:
         nse.expiration_time.nanos = 0
         try:
             channel = await self._nsm.get()
+            try:
+                nse.url = send_endpoint_url(channel.fds, self._url)
+            except FdPassError as exc:
+                # The registry removes by name: the socket (gone, it seems) is not needed.
+                logger.debug("unregistering without the socket", name=self._name, reason=str(exc))
             stub = registry_grpc.NetworkServiceEndpointRegistryStub(channel)
             await stub.Unregister(nse, metadata=call_metadata(self._signer, channel))
             logger.info("endpoint unregistered", name=self._name)
@@ -166,3 +176,11 @@ class Registration:
             logger.warning(
                 "endpoint not unregistered", name=self._name, reason=describe_status(exc)
             )
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, RpcFailedError):
+        return describe_status(exc)
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    return str(exc)

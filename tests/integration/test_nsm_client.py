@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import pytest
 import trio
@@ -22,6 +25,7 @@ from proxy.lab.nsm.forwarding import NoKernel
 from proxy.lab.nsm.server import serve_nsm
 from proxy.nsm.discovery import Discovery, LbEvent, LbGone, LbSeen
 from proxy.nsm.registration import Registration
+from proxy.rpc.fdpass import path_of_url
 from proxy.shutdown import Shutdown
 
 pytestmark = pytest.mark.timeout(30)
@@ -44,6 +48,21 @@ async def nsm(nursery: trio.Nursery) -> AsyncIterator[rpc.ReconnectingChannel]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@contextmanager
+def endpoint_socket() -> Iterator[str]:
+    """A listening UNIX socket standing for the proxy's endpoint: its path. The registration
+    passes the socket file as a descriptor, so it must exist."""
+    directory = tempfile.mkdtemp(dir="/tmp", prefix="mp-nsel-")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(f"{directory}/listen.on")
+        listener.listen()
+        yield f"{directory}/listen.on"
+    finally:
+        listener.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 async def find(channel: rpc.ReconnectingChannel, name: str) -> list[NetworkServiceEndpoint]:
     stub = registry_grpc.NetworkServiceEndpointRegistryStub(await channel.get())
     query = NetworkServiceEndpointQuery(network_service_endpoint=NetworkServiceEndpoint(name=name))
@@ -55,27 +74,32 @@ async def test_registration_registers_and_unregisters_within_the_budget(
     nsm: rpc.ReconnectingChannel,
 ) -> None:
     shutdown = Shutdown(5.0)
-    registration = Registration(
-        nsm,
-        name="proxy-a",
-        service="proxy.conduit-a.trench-a.red",
-        host="node-a",
-        url="unix:///tmp/proxy-a/listen.on",
-        call_timeout=5.0,
-        backoff=rpc.Backoff(maximum=0.5),
-        shutdown=shutdown,
-    )
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(registration.run)
-            [nse] = await find(nsm, "proxy-a")
-            assert dict(nse.network_service_labels["proxy.conduit-a.trench-a.red"].labels) == {
-                "nodeName": "node-a"
-            }
-            assert nse.expiration_time.seconds > time.time() + 30
-            shutdown.begin()
-            nursery.cancel_scope.cancel()
-    assert await find(nsm, "proxy-a") == []
+    with endpoint_socket() as listen:
+        registration = Registration(
+            nsm,
+            name="proxy-a",
+            service="proxy.conduit-a.trench-a.red",
+            host="node-a",
+            url=f"unix://{listen}",
+            call_timeout=5.0,
+            backoff=rpc.Backoff(maximum=0.5),
+            shutdown=shutdown,
+        )
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(registration.run)
+                [nse] = await find(nsm, "proxy-a")
+                labels = nse.network_service_labels["proxy.conduit-a.trench-a.red"].labels
+                assert dict(labels) == {"nodeName": "node-a"}
+                assert nse.expiration_time.seconds > time.time() + 30
+                # The socket went as a descriptor: NSM (this process here) holds it and
+                # publishes where it dials it, as nsmgr's localbypass does.
+                assert nse.url.startswith(f"unix:///proc/{os.getpid()}/fd/")
+                held, ours = os.stat(path_of_url(nse.url)), os.stat(listen)
+                assert (held.st_dev, held.st_ino) == (ours.st_dev, ours.st_ino)
+                shutdown.begin()
+                nursery.cancel_scope.cancel()
+        assert await find(nsm, "proxy-a") == []
 
 
 async def test_registration_stops_at_once_when_nsm_never_answers() -> None:
@@ -144,12 +168,14 @@ async def test_registration_registers_again_as_soon_as_a_restarted_nsm_is_back()
     channel = rpc.ReconnectingChannel(
         f"unix://{path}", name="nsm", backoff=rpc.Backoff(maximum=0.2)
     )
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"{directory}/listen.on")
     registration = Registration(
         channel,
         name="proxy-a",
         service="proxy.conduit-a.trench-a.red",
         host="node-a",
-        url="unix:///tmp/proxy-a/listen.on",
+        url=f"unix://{directory}/listen.on",
         call_timeout=5.0,
         backoff=rpc.Backoff(maximum=0.2),
         shutdown=Shutdown(5.0),
@@ -183,4 +209,5 @@ async def test_registration_registers_again_as_soon_as_a_restarted_nsm_is_back()
                 ]
             nursery.cancel_scope.cancel()
     finally:
+        listener.close()
         shutil.rmtree(directory, ignore_errors=True)
