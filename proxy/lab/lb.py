@@ -4,7 +4,9 @@ Meridio's real LB (stateless-lb-frontend) spreads VIP traffic over the targets; 
 only has to be what the proxy sees of an LB, plus plain routing:
 
 * **Registry.** It registers the network service `<conduit>.<trench>.<namespace>` (payload
-  ETHERNET) and itself as an endpoint of it (url = its own socket, labels `LB_LABELS`),
+  ETHERNET) and itself as an endpoint of it (url = its own socket, labels `LB_LABELS`; on a
+  UNIX socket to NSM the socket file goes as a descriptor and the url is its `inode://` URL,
+  as an sdk NSE's sendfd does, so NSM dials it through the descriptor),
   re-registers at 2/3 of the lifetime the registry granted, registers both again as soon as a
   lost registry connection is back (a restarted lab NSM forgets), and unregisters (expiration
   `{seconds: -1}`) when it stops. A registry that is down is retried with backoff.
@@ -14,7 +16,9 @@ only has to be what the proxy sees of an LB, plus plain routing:
   segment as NSM's updatepath server does (wire-api §4.2) and restores the caller's index and id
   in the answer. The mechanism is answered with the interface name of the LB's end (`name`: the
   caller's, or `nsm-<8 hex of the connection id>`, the same on every refresh) and the LB's
-  namespace (`inodeURL`, a `file://` path the lab's forwarder opens). Close forgets.
+  namespace (`inodeURL`: its `--netns` file, else its own; passed back as a descriptor on a UNIX
+  socket, as the sdk's sendfd server does, else a `file://` path the lab's forwarder opens).
+  Close forgets.
 * **Forwarding.** In its network namespace it turns on IPv4 and IPv6 forwarding and turns off
   rp_filter (VIP traffic is asymmetric), brings the `outside` interface (made and addressed by
   the topology) up, and keeps the routes it was given in the main table: `prefix via gateway`,
@@ -33,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
-import os
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -67,6 +70,7 @@ from proxy.lab.listen import serve
 from proxy.lab.nsm.kernel import MAX_IFNAME, netns_path
 from proxy.nsm.hoptoken import Signer
 from proxy.nsm.path import PathError, server_hop
+from proxy.nsm.sendfd import NETNS_URL, FdPassError, send_endpoint_url, send_mechanisms
 from proxy.rpc import (
     Address,
     Backoff,
@@ -76,6 +80,7 @@ from proxy.rpc import (
     ReconnectingChannel,
     RpcFailedError,
     Tls,
+    UnavailableError,
     open_channel,
 )
 from proxy.rpc.status import describe_status
@@ -159,9 +164,9 @@ def interface_name(connection_id: str) -> str:
 
 
 def netns_url(netns: str | None) -> str:
-    """The `inodeURL` of a namespace: its file (a named one, or this process's)."""
-    path = netns_path(netns) if netns is not None else f"/proc/{os.getpid()}/ns/net"
-    return f"file://{path}"
+    """The `inodeURL` of a namespace: its file (a named one), else our own (the calling
+    thread's, as the sdk's kernel mechanism sets it)."""
+    return f"file://{netns_path(netns)}" if netns is not None else NETNS_URL
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -224,7 +229,13 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
             addresses=",".join(connection.context.ip_context.dst_ip_addrs),
             mtu=connection.context.MTU,
         )
-        return connection
+        answer = Connection()
+        answer.CopyFrom(connection)
+        try:  # the namespace as a descriptor (sendfd server), the answer naming it inode://
+            send_mechanisms(request.fds, [answer.mechanism])
+        except FdPassError as exc:
+            raise UnavailableError(str(exc)) from None
+        return answer
 
     async def Close(self, message: Connection, request: CallContext) -> Empty:
         signer = self.signer()
@@ -271,12 +282,14 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
                         )
                         service_registered_on = channel
                     asked = time.time() + settings.registration_lifetime
+                    registration = self.endpoint(asked)
+                    registration.url = send_endpoint_url(channel.fds, registration.url)
                     self._register_sent = True
                     granted = await NetworkServiceEndpointRegistryStub(channel).Register(
-                        self.endpoint(asked)
+                        registration
                     )
-            except (RpcFailedError, trio.TooSlowError) as exc:
-                reason = describe_status(exc) if isinstance(exc, RpcFailedError) else "timed out"
+            except (RpcFailedError, trio.TooSlowError, FdPassError) as exc:
+                reason = _reason(exc)
                 if not failing:
                     logger.warning(
                         "registration failed, retrying", nse=settings.name, reason=reason
@@ -313,6 +326,8 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
             async with open_channel(
                 self.settings.nsm, connect_timeout=STOP_BUDGET, ssl_context=self._client_tls()
             ) as channel:
+                with contextlib.suppress(FdPassError):  # (removed by name all the same)
+                    registration.url = send_endpoint_url(channel.fds, registration.url)
                 await NetworkServiceEndpointRegistryStub(channel).Unregister(registration)
         except RpcFailedError as exc:
             logger.warning("unregister failed", nse=self.settings.name, reason=describe_status(exc))
@@ -339,6 +354,12 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
                     logger.info("route installed", prefix=str(prefix))
             reported = problems
             await trio.sleep(self.settings.route_interval)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, RpcFailedError):
+        return describe_status(exc)
+    return "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
 
 
 def _family(network: Network | IPAddress) -> int:

@@ -3,8 +3,11 @@
 * **Request.** It asks the NSM manager for `proxy.<conduit>.<trench>.<namespace>` as a TAPA
   does (wire-api §4.2): labels `{"nodeName": <node>}` (the network service's match sends it to
   the proxy of that node), payload ETHERNET, mechanism preference KERNEL with its interface name
-  (`name`) and its namespace (`inodeURL`, a `file://` path the lab's forwarder opens), connection
-  id `<target>-<namespace>-0`, path `[{name: <target>, id: <connection id>}]`.
+  (`name`) and its namespace (`inodeURL`: its `--netns` file, else its own), connection id
+  `<target>-<namespace>-0`, path `[{name: <target>, id: <connection id>}]`. As an sdk NSC's
+  sendfd client does, the namespace goes as a descriptor with every Request and Close on NSM's
+  UNIX socket (the message names it `inode://dev/ino`; the answer's URL is mapped back), so the
+  forwarder finds it whatever process or mount namespace the target is in.
 * **Refresh.** As NSM's refresh client does for one path segment: the last answer is sent again
   (the connection as returned, same preferences) at 1/3 of the time left until the earliest
   `expires` among its path segments (`fallback_refresh` when none has one). A failed Request is
@@ -48,6 +51,12 @@ from proxy.kernel.netlink import NetlinkWorker
 from proxy.lab.lb import ETHERNET, KERNEL, netns_url, run_worker, wall_seconds
 from proxy.lab.nsm.kernel import validate_ifname
 from proxy.nsm.hoptoken import Signer, sign_request
+from proxy.nsm.sendfd import (
+    FdPassError,
+    request_mechanisms,
+    restore_mechanism,
+    send_mechanisms,
+)
 from proxy.rpc import Address, Backoff, ReconnectingChannel, RpcFailedError, Tls, open_channel
 from proxy.rpc.status import describe_status
 from proxy.security.tls import SpiffeTls
@@ -210,12 +219,15 @@ class Target:
             try:
                 with trio.fail_after(settings.request_timeout):
                     channel = await manager.get()
-                    metadata = sign_request(self.signer(), request.connection, channel)
-                    answer = await NetworkServiceStub(channel).Request(request, metadata=metadata)
-            except (RpcFailedError, trio.TooSlowError) as exc:
+                    sending = NetworkServiceRequest()
+                    sending.CopyFrom(request)
+                    sent = send_mechanisms(channel.fds, request_mechanisms(sending))
+                    metadata = sign_request(self.signer(), sending.connection, channel)
+                    answer = await NetworkServiceStub(channel).Request(sending, metadata=metadata)
+                    restore_mechanism(answer.mechanism, sent)
+            except (RpcFailedError, trio.TooSlowError, FdPassError) as exc:
                 if not failing:
-                    reason = describe_status(exc) if isinstance(exc, RpcFailedError) else "timeout"
-                    log.warning("request failed, retrying with backoff", reason=reason)
+                    log.warning("request failed, retrying with backoff", reason=_reason(exc))
                 failing = True
                 await trio.sleep(backoff.next_delay())
                 continue
@@ -297,14 +309,23 @@ class Target:
                     ) as channel:
                         closing = Connection()
                         closing.CopyFrom(self.connection)
+                        if closing.HasField("mechanism"):
+                            send_mechanisms(channel.fds, [closing.mechanism])
                         metadata = sign_request(self.signer(), closing, channel)
                         await NetworkServiceStub(channel).Close(closing, metadata=metadata)
-            except (RpcFailedError, trio.TooSlowError) as exc:
-                reason = describe_status(exc) if isinstance(exc, RpcFailedError) else "timeout"
-                logger.warning("close failed", conn_id=self.settings.connection_id, reason=reason)
+            except (RpcFailedError, trio.TooSlowError, FdPassError) as exc:
+                logger.warning(
+                    "close failed", conn_id=self.settings.connection_id, reason=_reason(exc)
+                )
             else:
                 logger.info("closed", conn_id=self.settings.connection_id)
         await worker.call(self._remove)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, RpcFailedError):
+        return describe_status(exc)
+    return "timeout" if isinstance(exc, trio.TooSlowError) else str(exc)
 
 
 def _family(version: int) -> int:

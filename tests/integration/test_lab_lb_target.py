@@ -8,6 +8,7 @@ is checked with `ip -j` and ping. The CLI commands run as real processes at the 
 from __future__ import annotations
 
 import ipaddress
+import os
 import shutil
 import signal
 import subprocess
@@ -46,6 +47,7 @@ from proxy.lab.lb import (
 )
 from proxy.lab.target import MIN_REFRESH, Target, TargetSettings, refresh_delay, run_target
 from proxy.rpc import CallContext, InvalidArgumentError, Server, UnixAddress, open_channel
+from proxy.rpc.fdpass import FdTransceiver, inode_url_of_path
 from tests.integration.netns import ip, ip_json, namespaces, veth
 from tests.integration.waiting import eventually
 
@@ -69,6 +71,24 @@ def sockdir() -> Iterator[str]:
 # -- fakes -----------------------------------------------------------------------------------------
 
 
+async def passed_inode(fds: FdTransceiver | None, url: str) -> tuple[int, int] | None:
+    """(dev, ino) of the file a message named by `url`, when it came as a descriptor with it."""
+    if fds is None or not url.startswith("inode://"):
+        return None
+    with trio.fail_after(5):
+        fd = await fds.receive_fd(url)
+    try:
+        stat = os.fstat(fd)
+        return stat.st_dev, stat.st_ino
+    finally:
+        os.close(fd)
+
+
+def inode_of(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
 class FakeRegistry:
     """Records what the registry servicers below are sent; grants registrations for `grant`
     seconds (less than asked: the LB must follow the answer)."""
@@ -77,6 +97,7 @@ class FakeRegistry:
         self.grant = grant
         self.services: list[NetworkService] = []
         self.registers: list[NetworkServiceEndpoint] = []
+        self.sockets: list[tuple[int, int] | None] = []  # passed with each Register
         self.unregisters: list[NetworkServiceEndpoint] = []
         self.changed = trio.Event()
 
@@ -89,6 +110,7 @@ class FakeRegistry:
             self.services.append(message)
             self._note()
             return message
+        self.sockets.append(await passed_inode(request.fds, message.url))
         self.registers.append(message)
         self._note()
         granted = NetworkServiceEndpoint()
@@ -121,6 +143,7 @@ class FakeManager(NetworkServiceServicer):  # type: ignore[misc]
         self.lifetime = lifetime
         self.gateways = gateways
         self.requests: list[NetworkServiceRequest] = []
+        self.namespaces: list[tuple[int, int] | None] = []  # passed with each Request
         self.closes: list[Connection] = []
         self.changed = trio.Event()
 
@@ -129,6 +152,8 @@ class FakeManager(NetworkServiceServicer):  # type: ignore[misc]
         self.changed = trio.Event()
 
     async def Request(self, message: NetworkServiceRequest, request: CallContext) -> Connection:
+        url = message.mechanism_preferences[0].parameters.get("inodeURL", "")
+        self.namespaces.append(await passed_inode(request.fds, url))
         self.requests.append(message)
         self._note()
         answer = Connection()
@@ -229,7 +254,9 @@ async def test_lb_registers_answers_and_unregisters(sockdir: str) -> None:
                 first = registry.registers[0]
                 assert first.name == "lb-a"
                 assert list(first.network_service_names) == [SERVICE]
-                assert first.url == f"unix://{listen}"
+                # its socket passed as a descriptor (sendfd), the url naming it inode://
+                assert first.url == inode_url_of_path(listen)
+                assert registry.sockets[0] == inode_of(listen)
                 assert dict(first.network_service_labels[SERVICE].labels) == dict(settings.labels)
                 assert wall_seconds(first.expiration_time) > time.time() + 30  # asks for 60 s
                 assert lb.registrations.value >= 2  # the third answer may be on its way
@@ -249,8 +276,12 @@ async def test_lb_registers_answers_and_unregisters(sockdir: str) -> None:
                     assert answer.mechanism.type == "KERNEL"
                     name = answer.mechanism.parameters["name"]
                     assert name == interface_name("mgr-conn-1") and len(name) <= 15
-                    assert (
-                        answer.mechanism.parameters["inodeURL"] == f"file:///run/netns/{ns['lb']}"
+                    # its namespace passed back as a descriptor, named inode://
+                    assert channel.fds is not None
+                    namespace = answer.mechanism.parameters["inodeURL"]
+                    assert namespace == inode_url_of_path(f"/run/netns/{ns['lb']}")
+                    assert await passed_inode(channel.fds, namespace) == inode_of(
+                        f"/run/netns/{ns['lb']}"
                     )
                     assert answer.context.MTU == 1400
                     assert list(answer.context.ip_context.dst_ip_addrs) == ["198.18.0.4/24"]
@@ -435,10 +466,16 @@ async def test_target_requests_installs_refreshes_and_cleans_up(sockdir: str) ->
             ]
             (mechanism,) = first.mechanism_preferences
             assert (mechanism.cls, mechanism.type) == ("LOCAL", "KERNEL")
+            # its namespace passed as a descriptor (sendfd), the message naming it inode://
             assert dict(mechanism.parameters) == {
                 "name": "tgt0",
-                "inodeURL": f"file:///run/netns/{target_ns}",
+                "inodeURL": inode_url_of_path(f"/run/netns/{target_ns}"),
             }
+            assert manager.namespaces[0] == inode_of(f"/run/netns/{target_ns}")
+            assert target.connection is not None  # the answer's URL mapped back
+            assert target.connection.mechanism.parameters["inodeURL"] == (
+                f"file:///run/netns/{target_ns}"
+            )
             assert not connection.context.ip_context.policies  # it routes its VIPs itself
 
             assert {f"{VIP4}/32", f"{VIP6}/128"} <= addresses(target_ns, "tgt0")
@@ -457,6 +494,8 @@ async def test_target_requests_installs_refreshes_and_cleans_up(sockdir: str) ->
             assert refresh.id == "target-a-red-0"
             assert [s.name for s in refresh.path.path_segments] == ["target-a", "nsmgr"]
             assert refresh.mechanism.parameters["name"] == "tgt0"
+            assert refresh.mechanism.parameters["inodeURL"] == mechanism.parameters["inodeURL"]
+            assert manager.namespaces[2] == manager.namespaces[0]  # sent again each time
 
             # a new gateway in an answer moves the route
             manager.gateways = ["198.18.0.254/24", "2001:db8::1/64"]
