@@ -18,8 +18,8 @@ alive, as NSM's forwarder does, until the connection is closed or expires.
   that will own it (the registry's), and closes it if that never happens.
 
 `receive` waits for a descriptor as long as the caller's deadline allows (NSM bounds it by the
-call's context likewise), turns a closed connection into UNAVAILABLE with the reason, and logs
-a wait that was cut short (the caller only sees DEADLINE_EXCEEDED).
+call's context likewise) and turns a closed connection into UNAVAILABLE with the reason; a
+wait cut short either way is logged (its caller sees at most DEADLINE_EXCEEDED).
 """
 
 from __future__ import annotations
@@ -47,12 +47,14 @@ async def receive(fds: FdTransceiver, url: str, what: str) -> int:
     try:
         return await fds.receive_fd(url)
     except FdNotReceived:
+        # (The caller, gone with its connection, hears nothing: the log is all there is.)
+        logger.warning("descriptor never came", what=what, url=url, reason="connection closed")
         raise UnavailableError(
             f"the connection closed before {what} ({url}) arrived as a descriptor"
         ) from None
     except trio.Cancelled:
         # The call's deadline, most likely: the caller only learns DEADLINE_EXCEEDED.
-        logger.warning("gave up waiting for a descriptor", what=what, url=url)
+        logger.warning("descriptor never came", what=what, url=url, reason="deadline")
         raise
 
 
