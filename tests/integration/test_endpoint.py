@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import shutil
 import tempfile
 import time
@@ -28,6 +29,7 @@ from proxy.kernel.router import RouterEvent, SetTargetPort
 from proxy.nsm.endpoint import TargetEndpoint
 from proxy.nsm.wire import interface_name
 from proxy.rpc.connection import Peer
+from proxy.rpc.fdpass import FdTransceiver
 from proxy.watched import Watched
 
 pytestmark = pytest.mark.timeout(30)
@@ -99,6 +101,7 @@ class Served:
     router: trio.MemoryReceiveChannel[RouterEvent]
     stub: networkservice_grpc.NetworkServiceStub
     monitor: connection_grpc.MonitorConnectionStub
+    fds: FdTransceiver | None  # the client connection's descriptors
 
 
 @pytest.fixture
@@ -118,9 +121,31 @@ async def served(nursery: trio.Nursery) -> AsyncIterator[Served]:
                 receive,
                 networkservice_grpc.NetworkServiceStub(channel),
                 connection_grpc.MonitorConnectionStub(channel),
+                channel.fds,
             )
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_a_kernel_answer_passes_our_namespace_as_a_descriptor(served: Served) -> None:
+    """NSM's kernel mechanism and sendfd servers: the answer names the endpoint's namespace
+    (ours: this process's) by `inode://`, its descriptor having come with the answer; what the
+    endpoint keeps (and monitors see) names it by path."""
+    answer = await served.stub.Request(target_request())
+    url = answer.mechanism.parameters["inodeURL"]
+    assert url.startswith("inode://")
+    assert served.fds is not None
+    with trio.fail_after(5):
+        fd = await served.fds.receive_fd(url)
+    try:
+        passed, ours = os.fstat(fd), os.stat("/proc/self/ns/net")
+        assert (passed.st_dev, passed.st_ino) == (ours.st_dev, ours.st_ino)
+    finally:
+        os.close(fd)
+    [kept] = served.endpoint.connections.values()
+    assert kept.connection.mechanism.parameters["inodeURL"] == "file:///proc/thread-self/ns/net"
+    noop = await served.stub.Request(target_request("target-b", mechanism="NOOP"))
+    assert "inodeURL" not in noop.mechanism.parameters  # no interface, no namespace
 
 
 async def test_bad_requests_are_refused_with_a_reason(

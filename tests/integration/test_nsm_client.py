@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import socket
@@ -9,11 +10,17 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from functools import partial
 
+import attrs
 import pytest
 import trio
+from google.protobuf.empty_pb2 import Empty
 
 from proxy import rpc
+from proxy.api.networkservice.connection_pb2 import Connection, Mechanism
+from proxy.api.networkservice.networkservice_grpc import NetworkServiceServicer
+from proxy.api.networkservice.networkservice_pb2 import NetworkServiceRequest
 from proxy.api.registry import registry_grpc
 from proxy.api.registry.registry_pb2 import (
     NetworkService,
@@ -21,9 +28,12 @@ from proxy.api.registry.registry_pb2 import (
     NetworkServiceEndpointQuery,
     NetworkServiceQuery,
 )
+from proxy.kernel.router import RouterEvent, SetLoadBalancer
 from proxy.lab.nsm.forwarding import NoKernel
 from proxy.lab.nsm.server import serve_nsm
 from proxy.nsm.discovery import Discovery, LbEvent, LbGone, LbSeen
+from proxy.nsm.mesh import LbConnection, MeshSettings
+from proxy.nsm.path import server_hop
 from proxy.nsm.registration import Registration
 from proxy.rpc.fdpass import path_of_url
 from proxy.shutdown import Shutdown
@@ -211,3 +221,118 @@ async def test_registration_registers_again_as_soon_as_a_restarted_nsm_is_back()
     finally:
         listener.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# -- the mesh passes its namespace -----------------------------------------------------------------
+
+
+@attrs.frozen
+class Pair:
+    src: tuple[ipaddress.IPv4Interface, ...]
+    dst: tuple[ipaddress.IPv4Interface, ...]
+
+
+class FakeAddresses:
+    async def allocate_pair(self, key: str) -> Pair:
+        return Pair(
+            (ipaddress.IPv4Interface("198.18.3.2/24"),), (ipaddress.IPv4Interface("198.18.3.3/24"),)
+        )
+
+    def release_later(self, key: str) -> None:
+        pass
+
+
+class Lb(NetworkServiceServicer):  # type: ignore[misc]
+    """An LB endpoint as NSM's are: its answer's namespace passed back as a descriptor."""
+
+    def __init__(self) -> None:
+        self.closes: list[Connection] = []
+
+    async def Request(self, message: NetworkServiceRequest, request: rpc.CallContext) -> Connection:
+        assert request.fds is not None
+        hop = server_hop(message.connection, "lb-a")
+        url = request.fds.send_path("/proc/thread-self/ns/net")
+        hop.connection.mechanism.CopyFrom(
+            Mechanism(cls="LOCAL", type="KERNEL", parameters={"name": "lb-if", "inodeURL": url})
+        )
+        return hop.answer(hop.connection)
+
+    async def Close(self, message: Connection, request: rpc.CallContext) -> Empty:
+        self.closes.append(message)
+        return Empty()
+
+
+def same_file(a: str, b: str) -> bool:
+    first, second = os.stat(a), os.stat(b)
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+
+
+async def test_the_mesh_passes_its_namespace_and_nsm_wires_it_by_that(sockdir: str) -> None:
+    """The proxy's LB connection as NSM's sendfd client: its namespace goes as a descriptor (the
+    lab NSM, this process here, wires the pair with it, not with a path or the pid), the answer
+    keeps the file:// URL, and a refresh and the Close pass it again."""
+    forwarder = NoKernel()
+    lb = Lb()
+    router_send, router_receive = trio.open_memory_channel[RouterEvent](10)
+    settings = MeshSettings(
+        name="proxy-a",
+        service=LB_SERVICE,
+        mtu=1500,
+        request_timeout=5.0,
+        max_backoff=0.5,
+        default_lifetime=3.0,  # the manager's own lifetime rules: refreshed within a second
+    )
+    async with trio.open_nursery() as nursery:
+        nsm_path = await nursery.start(
+            partial(serve_nsm, f"{sockdir}/nsm.sock", forwarder=forwarder, default_lifetime=3.0)
+        )
+        await nursery.start(rpc.Server([lb]).serve_unix, f"{sockdir}/lb.sock")
+        nsm = rpc.ReconnectingChannel(
+            f"unix://{nsm_path}", name="nsm", backoff=rpc.Backoff(maximum=0.5)
+        )
+        await nursery.start(nsm.run)
+        channel = await nsm.get()
+        await registry_grpc.NetworkServiceRegistryStub(channel).Register(
+            NetworkService(name=LB_SERVICE, payload="ETHERNET")
+        )
+        nse = NetworkServiceEndpoint(
+            name="lb-a", network_service_names=[LB_SERVICE], url=f"unix://{sockdir}/lb.sock"
+        )
+        nse.expiration_time.seconds = int(time.time()) + 600
+        await registry_grpc.NetworkServiceEndpointRegistryStub(channel).Register(nse)
+
+        shutdown = Shutdown(5.0)
+        connection = LbConnection(
+            "lb-a",
+            settings,
+            nsm=nsm,
+            addresses=FakeAddresses(),
+            router=router_send,
+            shutdown=shutdown,
+        )
+        with trio.fail_after(15):
+            async with trio.open_nursery() as mesh:
+                mesh.start_soon(connection.run)
+                event = await router_receive.receive()
+                assert isinstance(event, SetLoadBalancer)
+                [wiring] = forwarder.wired.values()
+                own = f"/proc/{os.getpid()}/fd/"
+                assert wiring.client_netns.startswith(own), wiring.client_netns
+                assert wiring.endpoint_netns.startswith(own), wiring.endpoint_netns
+                assert same_file(wiring.client_netns, "/proc/thread-self/ns/net")
+                first = wiring.client_netns
+                assert channel.fds is not None and channel.fds.sent == 1
+                assert connection.connection is not None
+                assert connection.connection.mechanism.parameters["inodeURL"] == (
+                    "file:///proc/thread-self/ns/net"
+                )
+                while connection.requests < 2:  # a refresh: the same descriptor held
+                    await router_receive.receive()
+                [wiring] = forwarder.wired.values()
+                assert wiring.client_netns == first
+                assert channel.fds.sent == 2  # once per call (preference and connection alike)
+                shutdown.begin()
+                mesh.cancel_scope.cancel()
+        assert channel.fds.sent == 3  # the Close passed it too
+        assert len(lb.closes) == 1 and forwarder.wired == {}
+        nursery.cancel_scope.cancel()
