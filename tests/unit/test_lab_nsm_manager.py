@@ -37,7 +37,9 @@ from proxy.lab.nsm.manager import (
     interface_name,
     labels_fit,
     monitor_selects,
+    netns_fallback,
     netns_path,
+    passed_url,
     render_template,
     reselect_reason,
     restore_caller,
@@ -269,7 +271,7 @@ def test_reselect_reason() -> None:
     ("url", "pid", "expected"),
     [
         ("", 42, "/proc/42/ns/net"),
-        ("inode://4/4026532", 42, "/proc/42/ns/net"),  # fd passing is not done: the pid
+        ("inode://4/4026532", 42, "/proc/42/ns/net"),  # no descriptor came with it: the pid
         ("file:///run/netns/mp-a", 42, "/run/netns/mp-a"),
         ("file:///run/netns/mp-a", None, "/run/netns/mp-a"),
         ("file:///proc/self/ns/net", 42, "/proc/42/ns/net"),
@@ -282,6 +284,20 @@ def test_reselect_reason() -> None:
 def test_netns_path(url: str, pid: int | None, expected: str | None) -> None:
     mechanism = Mechanism(type="KERNEL", parameters={"inodeURL": url} if url else {})
     assert netns_path(mechanism, pid) == expected
+
+
+def test_passed_url_and_the_fallbacks_named() -> None:
+    def mechanism(url: str) -> Mechanism:
+        return Mechanism(type="KERNEL", parameters={"inodeURL": url} if url else {})
+
+    assert passed_url(mechanism("inode://4/4026532")) == "inode://4/4026532"
+    assert passed_url(mechanism("file:///proc/self/ns/net")) is None
+    assert passed_url(mechanism("")) is None and passed_url(None) is None
+    with pytest.raises(BadRequest, match="inodeURL"):
+        passed_url(mechanism("inode://4/not-a-number"))
+    assert netns_fallback(mechanism("file:///run/netns/a")) == "file:// inodeURL"
+    assert netns_fallback(mechanism("inode://4/4")) == "socket peer's process"
+    assert netns_fallback(None) == "socket peer's process"
 
 
 @given(st.text(min_size=1, max_size=40))
@@ -377,6 +393,14 @@ def test_wiring_from_the_answer() -> None:
         9000,
     )
     assert list(wiring.ip_context.src_ip_addrs) == ["198.18.0.2/30"]
+
+
+def test_wiring_by_a_passed_descriptor_wins_over_the_url_and_the_pid() -> None:
+    passed = answer(name="nse0", inodeURL="inode://4/4026532")
+    wiring = wiring_for("m", "/proc/9/fd/12", "cli0", passed, 7, "fallback", "/proc/9/fd/13")
+    assert (wiring.client_netns, wiring.endpoint_netns) == ("/proc/9/fd/12", "/proc/9/fd/13")
+    unpassed = wiring_for("m", "/proc/9/fd/12", "cli0", passed, 7, "fallback")
+    assert unpassed.endpoint_netns == "/proc/7/ns/net"  # no descriptor: its process
 
 
 def test_wiring_fallbacks_and_failures() -> None:
