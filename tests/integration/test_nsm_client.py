@@ -37,6 +37,7 @@ from proxy.nsm.path import server_hop
 from proxy.nsm.registration import Registration
 from proxy.rpc.fdpass import path_of_url
 from proxy.shutdown import Shutdown
+from tests.integration.waiting import eventually
 
 pytestmark = pytest.mark.timeout(30)
 LB_SERVICE = "conduit-a.trench-a.red"
@@ -322,6 +323,8 @@ async def test_the_mesh_passes_its_namespace_and_nsm_wires_it_by_that(sockdir: s
                 assert same_file(wiring.client_netns, "/proc/thread-self/ns/net")
                 first = wiring.client_netns
                 assert channel.fds is not None and channel.fds.sent == 1
+                # (the router hears of the LB just before the task keeps the answer)
+                await eventually(lambda: connection.connection is not None, 5.0, 0.01)
                 assert connection.connection is not None
                 assert connection.connection.mechanism.parameters["inodeURL"] == (
                     "file:///proc/thread-self/ns/net"
