@@ -19,9 +19,12 @@ class Wiring:
     """One connection's interfaces, as the manager resolved them."""
 
     connection_id: str  # the id at the manager's hop: the key of the pair
-    client_netns: str  # a path: /proc/<pid>/ns/net, or a file the client named in inodeURL
+    # A path the forwarder opens: /proc/<manager pid>/fd/<n>, a namespace the client passed as
+    # a descriptor (held by the manager while the pair exists); without one, a file:// inodeURL's
+    # path or the client's /proc/<pid>/ns/net.
+    client_netns: str
     client_ifname: str  # <= 15 characters
-    endpoint_netns: str
+    endpoint_netns: str  # likewise
     endpoint_ifname: str
     mtu: int
     # Applied as NSM's kernel forwarder does: src_ip_addrs and src_routes on the client side,

@@ -43,10 +43,11 @@ namespace it was born in), and returns to its own namespace before the job's rea
 thread rather than one per namespace because: a job touches two namespaces at once (the veth
 is created from the client side with its peer placed straight into the endpoint's namespace); a
 thread or socket parked in a namespace would keep a dead pod's namespace alive; two paths can
-name one namespace (`/proc/<pid>/ns/net`, `/run/netns/x`); and one thread runs jobs one at a time,
-which is the only lock the per-connection state needs: that state is read and written by the jobs
-alone. Opening the sockets costs about a millisecond per job. Nothing forks (pyroute2's `netns=`
-would).
+name one namespace (`/proc/<pid>/ns/net`, `/run/netns/x`, `/proc/<manager pid>/fd/<n>` for one
+passed as a descriptor: opening that path reopens the O_PATH descriptor NSM passes, which
+setns(2) would refuse as it is); and one thread runs jobs one at a time, which is the only lock
+the per-connection state needs: that state is read and written by the jobs alone. Opening the
+sockets costs about a millisecond per job. Nothing forks (pyroute2's `netns=` would).
 
 The forwarder leaves its pairs in place when it stops (a forwarder restart must not cut
 traffic); the lab's topology removes the namespaces, which takes the pairs with them.
