@@ -363,6 +363,8 @@ class Registry:
             url = self._hold_socket(nse.name, nse.url, fd)
         else:
             self._release_socket(nse.name)  # (registered by descriptor before, not now)
+            if nse.url.startswith("unix://"):
+                logger.debug("endpoint socket by path, not by descriptor", nse=nse.name)
         previous = self._endpoints.get(nse.name)
         stored = stamp_registration(nse, previous, self.clock.now(), self.default_lifetime)
         stored.url = url
