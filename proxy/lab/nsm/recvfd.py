@@ -43,7 +43,7 @@ def fd_path(fd: int) -> str:
 async def receive(fds: FdTransceiver, url: str, what: str) -> int:
     """The descriptor `url` names once it has arrived on `fds` (a new one, the caller's to
     close); UnavailableError when the connection closed first. Bounded by the caller's deadline
-    (its cancellation, or TooSlowError from its `fail_after`)."""
+    (a cancel scope around the call)."""
     try:
         return await fds.receive_fd(url)
     except FdNotReceived:

@@ -286,11 +286,6 @@ class Registry:
             for name in list(self._sockets):
                 self._release_socket(name)
 
-    @property
-    def sockets_held(self) -> int:
-        """Endpoint socket descriptors held (for tests)."""
-        return len(self._sockets)
-
     # -- the API (any task) ---------------------------------------------------------------------
 
     async def register_service(self, ns: NetworkService) -> NetworkService:
