@@ -269,10 +269,17 @@ def test_the_proxy_serves_a_target_over_two_load_balancers(lab: Lab) -> None:
     assert probe(lab, "Liveness") == 0
 
     [bridge] = ip_json("link", "show", "bridge0", netns=proxy_ns)
-    ports = [
-        link for link in ip_json("link", "show", netns=proxy_ns) if link.get("master") == "bridge0"
-    ]
-    assert len(ports) == 3, [p["ifname"] for p in ports]  # two LBs and the target
+
+    def target_connected() -> bool:
+        """Three bridge ports (two LBs and the target's) and the target's VIP on its side."""
+        links = ip_json("link", "show", netns=proxy_ns)
+        ports = [link["ifname"] for link in links if link.get("master") == "bridge0"]
+        target = ip_json("addr", "show", netns=lab.namespaces["tg0"])
+        local = {a["local"] for link in target for a in link.get("addr_info", [])}
+        return len(ports) == 3 and "198.19.0.1" in local
+
+    # Readiness does not wait for targets: the target's port and VIPs come once it is connected.
+    wait_until(target_connected, 30, "the target connected", lab)
     assert vip_rule_sources(proxy_ns) == sorted(v.split("/")[0] for v in VIPS)
 
     # The target got addresses in the node subnet and its VIPs, and reaches an LB across the bridge.
