@@ -5,8 +5,9 @@
   cycle adds and removes two at once), while a stream from each remaining target's VIP of each
   family runs: those streams lose nothing.
 * Two targets SIGKILLed, so that they never close their connection: one whose namespace stays
-  (a crashed container) and one whose namespace goes with it (its pod deleted: the veth pair
-  goes at once). The lab NSM manager closes a connection that was not refreshed when its own
+  (a crashed container) and one whose namespace goes with it (its pod deleted: its port leaves
+  the bridge at once; the veth pair itself goes when NSM lets go of the namespace descriptor it
+  holds, at the connection's expiry, as NSM's forwarder does). The lab NSM manager closes a connection that was not refreshed when its own
   path segment expires (its `--lifetime`, 1m by default, renewed by each Request); its Close
   reaches the proxy, which releases the port and, after NSM_IP_RELEASE_DELAY, the addresses.
   The lab here runs its NSM with a shorter lifetime (`TopologySpec.nsm_lifetime`). The targets

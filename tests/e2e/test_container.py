@@ -18,9 +18,9 @@ What stands in for the cluster, and why:
 * Kubernetes gives a non-root container no ambient capabilities, podman does: the container
   starts under `setpriv --inh-caps=-all --ambient-caps=-all`, so the proxy holds NET_ADMIN and
   NET_RAW only through the image's file capabilities, as in a pod (checked in /proc/1/status).
-* NSM reaches the proxy's endpoint socket in the pod's /tmp by passing its file descriptor; the
-  lab NSM dials the registered path instead, mapped (`--map-path /tmp=<the directory that is
-  the container's /tmp>`).
+* NSM reaches the proxy's endpoint socket in the pod's /tmp by the file descriptor the proxy
+  passes when it registers; so does the lab NSM (`--map-path /tmp=<the directory that is the
+  container's /tmp>` is only its fallback for a registration by path).
 * The lab peers' sockets are made connectable by the proxy's UID, as NSM's socket is for
   upstream's proxy (the same non-root UID, without DAC_OVERRIDE).
 

@@ -307,5 +307,6 @@ def test_with_identity_files_it_starts_with_mutual_tls(workdir: Path) -> None:
 
 
 def test_insecure_is_said_loudly(proxy: RunningProxy) -> None:
+    proxy.wait_for_log("PLAIN TEXT")  # (said after "started", when the identity is chosen)
     [warning] = [r for r in log_records(proxy) if str(r["message"]).startswith("PLAIN TEXT")]
     assert warning["severity"] == "warning"
