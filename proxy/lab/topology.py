@@ -1165,11 +1165,21 @@ class Topology:
 
     async def delete_lb_namespace(self, index: int) -> None:
         """LB `index` vanishes as a node does: withdrawn from the outside host, its process
-        killed (no unregister), its namespace deleted (its conduit interface goes with it)."""
+        killed (no unregister), its conduit interfaces deleted and its namespace with them.
+
+        The interfaces are deleted first, explicitly: the lab's NSM holds the descriptor of the
+        LB's namespace for as long as the connection lives (as NSM's forwarder does), so
+        deleting the namespace's name alone would leave it, and the veth, alive."""
         lb = self._lb(index)
         lb.advertised = False
         await self._sync_outside()
         await self._stop(lb.name, signal.SIGKILL)
+        if lb.netns is not None:
+            links = await ip_json("link", "show", netns=lb.netns)
+            conduits = [
+                link["ifname"] for link in links if link["ifname"] not in ("lo", OUTSIDE_IFNAME)
+            ]
+            await ip_batch([f"link del {name}" for name in conduits], lb.netns, force=True)
         await self._remove_netns(lb.name)
         lb.netns = None
         self.state.save()
