@@ -68,7 +68,7 @@ from proxy.kernel.netlink import NetlinkWorker
 from proxy.kernel.sysctl import write_proc
 from proxy.lab.listen import serve
 from proxy.lab.nsm.kernel import MAX_IFNAME, netns_path
-from proxy.nsm.hoptoken import Signer
+from proxy.nsm.hoptoken import Signer, call_metadata
 from proxy.nsm.path import PathError, server_hop
 from proxy.nsm.sendfd import NETNS_URL, FdPassError, send_endpoint_url, send_mechanisms
 from proxy.rpc import (
@@ -278,7 +278,8 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
                     channel = await registry.get()
                     if channel is not service_registered_on:
                         await NetworkServiceRegistryStub(channel).Register(
-                            NetworkService(name=settings.service, payload=ETHERNET)
+                            NetworkService(name=settings.service, payload=ETHERNET),
+                            metadata=call_metadata(self.signer(), channel),
                         )
                         service_registered_on = channel
                     asked = time.time() + settings.registration_lifetime
@@ -286,7 +287,7 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
                     registration.url = send_endpoint_url(channel.fds, registration.url)
                     self._register_sent = True
                     granted = await NetworkServiceEndpointRegistryStub(channel).Register(
-                        registration
+                        registration, metadata=call_metadata(self.signer(), channel)
                     )
             except (RpcFailedError, trio.TooSlowError, FdPassError) as exc:
                 reason = _reason(exc)
@@ -328,7 +329,9 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
             ) as channel:
                 with contextlib.suppress(FdPassError):  # (removed by name all the same)
                     registration.url = send_endpoint_url(channel.fds, registration.url)
-                await NetworkServiceEndpointRegistryStub(channel).Unregister(registration)
+                await NetworkServiceEndpointRegistryStub(channel).Unregister(
+                    registration, metadata=call_metadata(self.signer(), channel)
+                )
         except RpcFailedError as exc:
             logger.warning("unregister failed", nse=self.settings.name, reason=describe_status(exc))
         else:

@@ -27,14 +27,27 @@ from loguru import logger
 
 from proxy.api.networkservice.connection_pb2 import Connection, PathSegment
 from proxy.rpc import Channel, Peer, RpcFailedError, Status, StatusCode
-from proxy.security.policy import Denial, authorize_request
+from proxy.security.policy import (
+    Denial,
+    authorize_registration,
+    authorize_request,
+    registry_caller_id,
+)
 from proxy.security.spiffe import Identity, IdentityError, certificate_spiffe_id
 from proxy.security.tls import SpiffeTls
-from proxy.security.tokens import Token, TokenError, generate, read_token_metadata, token_metadata
+from proxy.security.tokens import (
+    RegistryPath,
+    Token,
+    TokenError,
+    generate,
+    read_token_metadata,
+    token_metadata,
+)
 from proxy.watched import Watched
 
 __all__ = [
     "PermissionDeniedError",
+    "RegistryGuard",
     "Signer",
     "call_metadata",
     "peer_certificate",
@@ -145,6 +158,54 @@ class Signer:
         if denial is not None:
             logger.warning("request denied", policy=denial.policy.value, reason=denial.reason)
             raise PermissionDeniedError(str(denial))
+
+
+class RegistryGuard:
+    """NSM's registry `authorize` for endpoint registrations (a server's side): the caller's
+    metadata token must be valid, unexpired and signed by the TLS peer, and a name registered by
+    one SPIFFE ID may be refreshed or unregistered only by that ID (`client_allowed`). The
+    caller's token stands for the registry path's first segment (the `path` metadata, which
+    carries the same token, is optional on the wire and not read here)."""
+
+    def __init__(self, signer: Signer) -> None:
+        self._signer = signer
+        self.owners: dict[str, tuple[str, ...]] = {}  # name -> SPIFFE IDs that registered it
+
+    def check(
+        self,
+        name: str,
+        metadata: Iterable[tuple[str, str | bytes]],
+        peer: Peer,
+        *,
+        registered: bool,
+    ) -> str:
+        """The caller's SPIFFE ID when it may register or unregister `name` (`registered`: the
+        registry holds it now); PermissionDeniedError with the reason when not."""
+        try:
+            caller = read_token_metadata(metadata)
+        except TokenError as exc:
+            raise PermissionDeniedError(f"caller token: {exc}") from None
+        own = self._signer.token_for(peer)
+        path = RegistryPath(index=1, tokens=(caller.value, own.value))
+        owners = {name: self.owners[name]} if registered and name in self.owners else {}
+        denial = authorize_registration(
+            path,
+            resource_name=name,
+            path_ids=owners,
+            now=self._signer.clock(),
+            peer_certificate=peer_certificate(peer),
+        )
+        if denial is not None:
+            logger.warning("registration denied", nse=name, policy=denial.policy.value,
+                           reason=denial.reason)  # fmt: skip
+            raise PermissionDeniedError(str(denial))
+        return registry_caller_id(path)
+
+    def registered(self, name: str, caller: str) -> None:
+        self.owners.setdefault(name, (caller,))
+
+    def unregistered(self, name: str) -> None:
+        self.owners.pop(name, None)
 
 
 def _set(segment: PathSegment, token: Token) -> None:

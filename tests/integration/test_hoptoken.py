@@ -132,3 +132,43 @@ async def test_bad_tokens_are_permission_denied_with_the_policy(sockdir: str) ->
         # Signed by another workload than the TLS peer (a token passed on by a third party).
         stolen = token_metadata(token(ca.identity("/thief"), client, proxy_id, now))
         assert "prev_token_signed" in await denied(path, client, metadata=stolen)
+
+
+def test_registry_guard_keeps_a_name_to_the_id_that_registered_it() -> None:
+    """The registry's side (the lab NSM uses it): a valid token signed by the TLS peer, and
+    an endpoint name registered by one SPIFFE ID is refreshed and unregistered by it only."""
+    from cryptography.hazmat.primitives import serialization
+
+    from proxy.nsm.hoptoken import PermissionDeniedError, RegistryGuard
+    from proxy.rpc import Peer
+
+    ca = LabCa.create(DOMAIN)
+    registry = ca.identity("/nsmgr")
+    guard = RegistryGuard(signer(registry))
+    now = datetime.datetime.now(datetime.UTC)
+
+    def call(
+        identity: Identity,
+        *,
+        registered: bool,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> str:
+        der = identity.svid.leaf.public_bytes(serialization.Encoding.DER)
+        peer = Peer("unix:///x", certificate_der=der)
+        sent = token_metadata(token(identity, identity, str(registry.spiffe_id), now))
+        return guard.check(
+            "lb0",
+            sent if metadata is None else metadata,
+            peer,
+            registered=registered,
+        )
+
+    lb, intruder = ca.identity("/load-balancer"), ca.identity("/intruder")
+    guard.registered("lb0", call(lb, registered=False))
+    assert call(lb, registered=True) == f"spiffe://{DOMAIN}/load-balancer"  # a refresh
+    with pytest.raises(PermissionDeniedError, match="client_allowed"):
+        call(intruder, registered=True)
+    with pytest.raises(PermissionDeniedError, match="caller token"):
+        call(lb, registered=True, metadata=())
+    guard.unregistered("lb0")
+    assert call(intruder, registered=False) == f"spiffe://{DOMAIN}/intruder"  # free again

@@ -59,6 +59,7 @@ from proxy.api.registry.registry_pb2 import (
     NetworkServiceResponse,
 )
 from proxy.lab.nsm.recvfd import Handoff, receive
+from proxy.nsm.hoptoken import RegistryGuard
 from proxy.rpc import CallContext, DeadlineExceededError, InvalidArgumentError
 from proxy.rpc.fdpass import FdUrlError, is_inode_url, parse_inode_url, proc_fd_url
 
@@ -519,20 +520,30 @@ class NetworkServiceRegistryServicer(registry_grpc.NetworkServiceRegistryService
 class NetworkServiceEndpointRegistryServicer(
     registry_grpc.NetworkServiceEndpointRegistryServicer  # type: ignore[misc]
 ):
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, guard: RegistryGuard | None = None) -> None:
         self._registry = registry
+        self._guard = guard  # NSM's tokens and client_allowed (None: plain text, no checks)
+
+    async def _authorized(self, name: str, request: CallContext) -> str | None:
+        if self._guard is None:
+            return None
+        registered = await self._registry.endpoint(name) is not None
+        return self._guard.check(name, request.custom_metadata, request.peer, registered=registered)
 
     async def Register(
         self, message: NetworkServiceEndpoint, request: CallContext
     ) -> NetworkServiceEndpoint:
         if not message.name:
             raise InvalidArgumentError("the network service endpoint has no name")
+        caller = await self._authorized(message.name, request)
         socket = await _receive_socket(message, request)
         try:
             stored = await self._registry.register_endpoint(message, socket)
         finally:
             if socket is not None:
                 socket.drop()  # (nothing, once the registry has taken it)
+        if self._guard is not None and caller is not None:
+            self._guard.registered(message.name, caller)
         answer = NetworkServiceEndpoint()
         answer.CopyFrom(stored)
         answer.url = message.url  # as recvfd answers: the URL the endpoint sent, to map back
@@ -556,5 +567,8 @@ class NetworkServiceEndpointRegistryServicer(
                 changes.close()
 
     async def Unregister(self, message: NetworkServiceEndpoint, request: CallContext) -> Empty:
+        await self._authorized(message.name, request)
         await self._registry.unregister_endpoint(message)
+        if self._guard is not None:
+            self._guard.unregistered(message.name)
         return Empty()

@@ -37,7 +37,7 @@ from proxy.lab.nsm.registry import (
     Registry,
     WallClock,
 )
-from proxy.nsm.hoptoken import Signer
+from proxy.nsm.hoptoken import RegistryGuard, Signer
 from proxy.rpc import UnixAddress
 from proxy.security.tls import SpiffeTls
 
@@ -82,7 +82,9 @@ async def serve_nsm(
     manager = Manager(registry, forwarder, clock, settings)
     servicers = [
         NetworkServiceRegistryServicer(registry),
-        NetworkServiceEndpointRegistryServicer(registry),
+        NetworkServiceEndpointRegistryServicer(
+            registry, RegistryGuard(settings.signer) if settings.signer else None
+        ),
         NetworkServiceServicer(manager),
         MonitorConnectionServicer(manager),
     ]
