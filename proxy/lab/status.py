@@ -68,6 +68,13 @@ def _global(link: dict[str, Any]) -> list[str]:
     ]
 
 
+def _peer_sockets(topology: Topology) -> list[tuple[str, str]]:
+    """(peer, the socket shown for it): the lab's Workload API first (its proxy socket stands
+    for its sockets, one per kind of workload) when the lab is secured."""
+    spire = [("spire", "spire-proxy")] if "spire" in topology.state.processes else []
+    return [*spire, *((peer, peer) for peer in PEERS)]
+
+
 async def collect(topology: Topology) -> dict[str, Any]:
     """The status document (plain JSON types)."""
     state = topology.state
@@ -110,8 +117,8 @@ async def collect(topology: Topology) -> dict[str, Any]:
         ),
         "namespaces": dict(state.namespaces),
         "peers": {
-            peer: {**_process(topology, peer), "socket": str(topology.socket_path(peer))}
-            for peer in PEERS
+            peer: {**_process(topology, peer), "socket": str(topology.socket_path(socket))}
+            for peer, socket in _peer_sockets(topology)
         },
         "proxy": {
             "namespace": proxy_ns,
