@@ -381,6 +381,7 @@ def _check_config_file(value: str) -> str | None:
 def _check_authorized_ids(value: str) -> str | None:
     if not value:
         return None
+    # Imported here: proxy.security builds on the RPC layer, which reads this module.
     from proxy.security.spiffe import IdentityError
     from proxy.security.tls import Authorizer
 
