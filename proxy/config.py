@@ -381,7 +381,8 @@ def _check_config_file(value: str) -> str | None:
 def _check_authorized_ids(value: str) -> str | None:
     if not value:
         return None
-    # Imported here: proxy.security builds on the RPC layer, which reads this module.
+    # Imported here, not at the top: `meridio-proxy probe` (kubelet runs it every few seconds)
+    # reads this module, and only a set NSM_AUTHORIZED_IDS needs the X.509 and TLS modules.
     from proxy.security.spiffe import IdentityError
     from proxy.security.tls import Authorizer
 
