@@ -7,9 +7,10 @@
 * Two targets SIGKILLed, so that they never close their connection: one whose namespace stays
   (a crashed container) and one whose namespace goes with it (its pod deleted: its port leaves
   the bridge at once; the veth pair itself goes when NSM lets go of the namespace descriptor it
-  holds, at the connection's expiry, as NSM's forwarder does). The lab NSM manager closes a connection that was not refreshed when its own
-  path segment expires (its `--lifetime`, 1m by default, renewed by each Request); its Close
-  reaches the proxy, which releases the port and, after NSM_IP_RELEASE_DELAY, the addresses.
+  holds, at the connection's expiry, as NSM's forwarder does). The lab NSM manager closes a
+  connection that was not refreshed when its own path segment expires (its `--lifetime`, 1m
+  by default, renewed by each Request); its Close reaches the proxy, which releases the port
+  and, after NSM_IP_RELEASE_DELAY, the addresses.
   The lab here runs its NSM with a shorter lifetime (`TopologySpec.nsm_lifetime`). The targets
   name their namespace in their request, so NSM deletes a dead target's veth pair too.
 * Afterwards the proxy holds exactly what the remaining LBs and targets need (tests/e2e/
