@@ -47,7 +47,6 @@ from proxy.lab.topology import OUTSIDE_HOST, Topology, TopologyError, ip_json
 from proxy.rpc import open_channel, server_stream
 
 __all__ = [
-    "PEER_SERVICES",
     "FlowProbe",
     "HealthLog",
     "LbAddedFigures",
@@ -595,7 +594,6 @@ async def proxy_restart(
 
 # -- peer restarts -----------------------------------------------------------------------------
 
-PEER_SERVICES = {"ipam": "IPAMCli", "nsp": "NSPCli", "nsm": "NSMEndpoint"}
 WATCHED = ("Readiness", "Liveness", "IPAMCli", "NSPCli", "NSMEndpoint", "Egress")
 
 

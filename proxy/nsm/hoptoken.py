@@ -26,7 +26,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from loguru import logger
 
 from proxy.api.networkservice.connection_pb2 import Connection, PathSegment
-from proxy.rpc import Channel, Peer, RpcFailedError, Status, StatusCode
+from proxy.rpc import Channel, Peer, PermissionDeniedError
 from proxy.security.policy import (
     Denial,
     authorize_registration,
@@ -46,7 +46,6 @@ from proxy.security.tokens import (
 from proxy.watched import Watched
 
 __all__ = [
-    "PermissionDeniedError",
     "RegistryGuard",
     "Signer",
     "call_metadata",
@@ -55,11 +54,6 @@ __all__ = [
 ]
 
 Metadata = tuple[tuple[str, str], ...]
-
-
-class PermissionDeniedError(RpcFailedError):  # type: ignore[misc]
-    def __init__(self, message: str) -> None:
-        super().__init__(Status(StatusCode.PERMISSION_DENIED, message))
 
 
 def _now() -> datetime:

@@ -139,8 +139,8 @@ def test_registry_guard_keeps_a_name_to_the_id_that_registered_it() -> None:
     an endpoint name registered by one SPIFFE ID is refreshed and unregistered by it only."""
     from cryptography.hazmat.primitives import serialization
 
-    from proxy.nsm.hoptoken import PermissionDeniedError, RegistryGuard
-    from proxy.rpc import Peer
+    from proxy.nsm.hoptoken import RegistryGuard
+    from proxy.rpc import Peer, PermissionDeniedError
 
     ca = LabCa.create(DOMAIN)
     registry = ca.identity("/nsmgr")
