@@ -187,6 +187,8 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
 
     def __init__(self, settings: LbSettings) -> None:
         self.settings = settings
+        # NSM's tokens, signed and checked (None: plain text)
+        self.signer = Signer.of(settings.tls, settings.token_lifetime) if settings.tls else None
         self.connections: dict[str, Connection] = {}
         self.registrations: Watched[int] = Watched(0)  # successful Register calls so far
         self.granted: NetworkServiceEndpoint | None = None  # the registry's last answer
@@ -209,7 +211,7 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
         connection = hop.connection
         own = hop.segment
         own.expires.CopyFrom(timestamp(time.time() + settings.token_lifetime))
-        signer = self.signer()
+        signer = self.signer
         if signer is not None:  # NSM's tokens: the caller's and ours, then the policies
             signer.server_check(connection, request.custom_metadata, request.peer)
         name = mechanism.parameters.get("name") or interface_name(caller_id)
@@ -238,7 +240,7 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
         return answer
 
     async def Close(self, message: Connection, request: CallContext) -> Empty:
-        signer = self.signer()
+        signer = self.signer
         if signer is not None:
             try:
                 hop = server_hop(message, self.settings.name)
@@ -279,7 +281,7 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
                     if channel is not service_registered_on:
                         await NetworkServiceRegistryStub(channel).Register(
                             NetworkService(name=settings.service, payload=ETHERNET),
-                            metadata=call_metadata(self.signer(), channel),
+                            metadata=call_metadata(self.signer, channel),
                         )
                         service_registered_on = channel
                     asked = time.time() + settings.registration_lifetime
@@ -287,7 +289,7 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
                     registration.url = send_endpoint_url(channel.fds, registration.url)
                     self._register_sent = True
                     granted = await NetworkServiceEndpointRegistryStub(channel).Register(
-                        registration, metadata=call_metadata(self.signer(), channel)
+                        registration, metadata=call_metadata(self.signer, channel)
                     )
             except (RpcFailedError, trio.TooSlowError, FdPassError) as exc:
                 reason = _reason(exc)
@@ -310,10 +312,6 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
             with trio.move_on_after(max(0.05, (expires - time.time()) * 2 / 3)):
                 await channel.wait_unusable()
 
-    def signer(self) -> Signer | None:
-        tls = self.settings.tls
-        return Signer.of(tls, self.settings.token_lifetime) if tls else None
-
     def _client_tls(self) -> Tls | None:
         return self.settings.tls.client() if self.settings.tls else None
 
@@ -330,7 +328,7 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
                 with contextlib.suppress(FdPassError):  # (removed by name all the same)
                     registration.url = send_endpoint_url(channel.fds, registration.url)
                 await NetworkServiceEndpointRegistryStub(channel).Unregister(
-                    registration, metadata=call_metadata(self.signer(), channel)
+                    registration, metadata=call_metadata(self.signer, channel)
                 )
         except RpcFailedError as exc:
             logger.warning("unregister failed", nse=self.settings.name, reason=describe_status(exc))

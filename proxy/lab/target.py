@@ -197,14 +197,12 @@ class Target:
 
     def __init__(self, settings: TargetSettings) -> None:
         self.settings = settings
+        # NSM's tokens, signed and checked (None: plain text)
+        self.signer = Signer.of(settings.tls, settings.token_lifetime) if settings.tls else None
         self.connection: Connection | None = None
         self.requests: Watched[int] = Watched(0)  # successful Requests (the first and refreshes)
         self.applied: Watched[int] = Watched(0)  # answers whose kernel state is in place
         self._installed: TargetPlan | None = None  # written by worker jobs only
-
-    def signer(self) -> Signer | None:
-        tls = self.settings.tls
-        return Signer.of(tls, self.settings.token_lifetime) if tls else None
 
     def client_tls(self) -> Tls | None:
         return self.settings.tls.client() if self.settings.tls else None
@@ -222,7 +220,7 @@ class Target:
                     sending = NetworkServiceRequest()
                     sending.CopyFrom(request)
                     sent = send_mechanisms(channel.fds, request_mechanisms(sending))
-                    metadata = sign_request(self.signer(), sending.connection, channel)
+                    metadata = sign_request(self.signer, sending.connection, channel)
                     answer = await NetworkServiceStub(channel).Request(sending, metadata=metadata)
                     restore_mechanism(answer.mechanism, sent)
             except (RpcFailedError, trio.TooSlowError, FdPassError) as exc:
@@ -311,7 +309,7 @@ class Target:
                         closing.CopyFrom(self.connection)
                         if closing.HasField("mechanism"):
                             send_mechanisms(channel.fds, [closing.mechanism])
-                        metadata = sign_request(self.signer(), closing, channel)
+                        metadata = sign_request(self.signer, closing, channel)
                         await NetworkServiceStub(channel).Close(closing, metadata=metadata)
             except (RpcFailedError, trio.TooSlowError, FdPassError) as exc:
                 logger.warning(
