@@ -20,9 +20,11 @@ from proxy.rpc.client import (
     ChannelState,
     ConnectFailed,
     ReconnectingChannel,
+    Reply,
     ResponseStream,
     open_channel,
     server_stream,
+    unary_call,
 )
 from proxy.rpc.connection import Peer
 from proxy.rpc.server import CallContext, Server
@@ -43,6 +45,7 @@ __all__ = [
     "Peer",
     "PermissionDeniedError",
     "ReconnectingChannel",
+    "Reply",
     "ResponseStream",
     "RpcFailedError",
     "Server",
@@ -56,4 +59,5 @@ __all__ = [
     "open_channel",
     "parse_address",
     "server_stream",
+    "unary_call",
 ]

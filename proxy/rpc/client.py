@@ -6,6 +6,8 @@
   pending call with UNAVAILABLE at once.
 * `server_stream(stub.Method, request)` reads a server stream and resets it when the block is left
   early (purerpc's own iterator never tells the server).
+* `unary_call(stub.Method, request)` answers the reply with the server's response header
+  metadata, which purerpc's stubs drop (NSM's registry answers its `path` there).
 * On a UNIX socket, `channel.fds` passes file descriptors with the calls, as NSM's grpcfd does
   (`fdpass`): `url = channel.fds.send_url("file:///proc/thread-self/ns/net")` before the call,
   `await channel.fds.receive_fd(url)` for one the server sent back.
@@ -42,7 +44,7 @@ from purerpc.grpclib.exceptions import (
     raise_status,
 )
 from purerpc.grpclib.status import StatusCode
-from purerpc.wrappers import ClientStubUnaryStream
+from purerpc.wrappers import ClientStubUnaryStream, ClientStubUnaryUnary
 
 import proxy
 from proxy.rpc.address import Address, UnixAddress, parse_address
@@ -299,6 +301,44 @@ class ResponseStream(Generic[M]):
         if ended is not None and ended.status.status_code != StatusCode.OK:
             raise_status(ended.status)
         raise StopAsyncIteration
+
+
+@attrs.frozen
+class Reply(Generic[M]):
+    """A unary call's response message with the response's header metadata."""
+
+    message: M
+    headers: Metadata = ()
+
+    def header(self, key: str) -> str | bytes | None:
+        """The first value of a header metadata key, or None."""
+        return next((value for name, value in self.headers if name == key), None)
+
+
+async def unary_call(method: Any, request: Message, *, metadata: Metadata = ()) -> Reply[Any]:
+    """Call a unary method of a generated stub; the reply and the server's header metadata.
+
+    reply = await unary_call(stub.Register, nse, metadata=...)
+    reply.message, reply.header("path")
+    """
+    if not isinstance(method, ClientStubUnaryUnary):
+        raise TypeError(f"{method!r} is not a unary stub method")
+    call: ClientCall = await method._stream_fn(metadata=metadata)
+    try:
+        await call.send_message(request)
+        await call.close()
+        message = await call.receive_message()
+        if message is not None and await call.receive_message() is not None:
+            raise InternalError("the server answered a unary call with more than one message")
+    finally:
+        call.cancel()
+    ended = call.end_stream_event
+    if ended is not None and ended.status.status_code != StatusCode.OK:
+        raise_status(ended.status)
+    if message is None:
+        raise InternalError("the server ended a unary call without an answer")
+    started = call.start_stream_event
+    return Reply(message, tuple(started.custom_metadata) if started is not None else ())
 
 
 @asynccontextmanager

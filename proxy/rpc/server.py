@@ -22,6 +22,8 @@ What purerpc's own `Server`/`ConnectionHandler` get wrong and this does instead
 * On a UNIX socket a handler passes file descriptors with its calls, as NSM's grpcfd does
   (`fdpass`, under TLS too): `fd = await context.fds.receive_fd(url)` for one the request names,
   `url = context.fds.send_path(path)` for one to name in the response.
+* A handler answers header metadata with `context.set_header(key, value)` (grpc-go's
+  `SetHeader`; purerpc has no way to).
 
 Only unary and server-streaming methods are served (all that NSM, IPAM, NSP and health use).
 """
@@ -53,6 +55,24 @@ TLS_HANDSHAKE_TIMEOUT = 10.0
 _MESSAGE_LIMIT = 200  # characters of an exception message echoed to the client
 
 
+@attrs.define
+class ResponseHeaders:
+    """Custom metadata a handler sends with its response headers (grpc-go's `SetHeader`)."""
+
+    items: list[tuple[str, str | bytes]] = attrs.Factory(list)
+    sent: bool = False
+
+    def add(self, key: str, value: str | bytes) -> None:
+        if self.sent:
+            raise RuntimeError(f"header {key!r} set after the response headers went out")
+        # What purerpc would refuse only when sending: refused here, at the handler's line.
+        if isinstance(value, bytes) != key.endswith("-bin"):
+            raise ValueError(f"header {key!r}: bytes values go with '-bin' keys, and only they")
+        if key.startswith("grpc-") or key != key.lower():
+            raise ValueError(f"header {key!r}: custom keys are lower case, without 'grpc-'")
+        self.items.append((key, value))
+
+
 @attrs.frozen
 class CallContext:
     """What a handler may know about its call: passed as the `request` argument of servicer
@@ -65,10 +85,16 @@ class CallContext:
     deadline: float  # trio time; inf when the client set none
     # The connection's file descriptors (`fdpass`): None unless it came over a UNIX socket.
     fds: FdTransceiver | None = None
+    response_headers: ResponseHeaders = attrs.field(factory=ResponseHeaders, eq=False)
 
     def metadata(self, key: str) -> str | bytes | None:
         """The first value of a metadata key, or None."""
         return next((value for name, value in self.custom_metadata if name == key), None)
+
+    def set_header(self, key: str, value: str | bytes) -> None:
+        """Answer `key: value` in the response headers (before the first response message; on
+        an error status too). NSM's registry answers its `path` this way."""
+        self.response_headers.add(key, value)
 
 
 @attrs.frozen
@@ -177,7 +203,7 @@ class Server:
         path = f"/{request.service_name}/{request.method_name}"
         method = self._methods.get(path)
         if method is None:
-            _finish(stream, Status(StatusCode.UNIMPLEMENTED, f"unknown method {path}"))
+            _finish(stream, Status(StatusCode.UNIMPLEMENTED, f"unknown method {path}"), None)
             return
         deadline = float("inf")
         if request.timeout is not None:
@@ -198,10 +224,11 @@ class Server:
             try:
                 message = await _receive_request(stream, method.request_type, context)
                 if method.server_streaming:
-                    await _stream_responses(stream, method.function(message, request=context))
+                    replies = method.function(message, request=context)
+                    await _stream_responses(stream, replies, context.response_headers)
                 else:
                     reply = await method.function(message, request=context)
-                    await _send(stream, reply)
+                    await _send(stream, reply, context.response_headers)
             except StreamGone:
                 return
             except RpcFailedError as exc:
@@ -216,7 +243,7 @@ class Server:
             if stream.finished or stream.connection.lost is not None:
                 return  # the client reset the call or went away: nobody to answer
             status = Status(StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-        _finish(stream, status)
+        _finish(stream, status, context.response_headers)
 
 
 async def _receive_request(stream: RpcStream, request_type: Any, context: CallContext) -> Any:
@@ -247,26 +274,34 @@ async def _receive_request(stream: RpcStream, request_type: Any, context: CallCo
             return message
 
 
-async def _stream_responses(stream: RpcStream, responses: Any) -> None:
+async def _stream_responses(stream: RpcStream, responses: Any, headers: ResponseHeaders) -> None:
     try:
         async for reply in responses:
-            await _send(stream, reply)
+            await _send(stream, reply, headers)
     finally:
         await responses.aclose()
 
 
-async def _send(stream: RpcStream, reply: Any) -> None:
-    if not stream.response_started:
-        stream.connection.protocol.start_response(stream.stream_id, "+proto")
-        stream.response_started = True
+async def _send(stream: RpcStream, reply: Any, headers: ResponseHeaders) -> None:
+    _start_response(stream, headers)
     await stream.send_message(reply.SerializeToString())
 
 
-def _finish(stream: RpcStream, status: Status) -> None:
+def _start_response(stream: RpcStream, headers: ResponseHeaders) -> None:
+    if not stream.response_started:
+        stream.connection.protocol.start_response(stream.stream_id, "+proto", headers.items)
+        stream.response_started = headers.sent = True
+
+
+def _finish(stream: RpcStream, status: Status, headers: ResponseHeaders | None) -> None:
     """End the call with `status` (trailers), synchronously."""
     connection = stream.connection
     if stream.finished or connection.lost is not None:
         return
+    if headers is not None and headers.items:
+        # Header metadata stays header metadata (as grpc-go sends it), not merged into a
+        # trailers-only answer.
+        _start_response(stream, headers)
     if stream.response_started:
         connection.protocol.end_response(stream.stream_id, status)
     else:

@@ -57,6 +57,7 @@ from proxy.rpc import (
     UnavailableError,
     open_channel,
     server_stream,
+    unary_call,
 )
 from proxy.rpc import tls as rpc_tls
 
@@ -100,7 +101,9 @@ class RecordingHealth(HealthServicer):  # type: ignore[misc]
     """Behaviour driven by the request's service string:
 
     Check: "" -> SERVING; "sleep:S"; "raise:MSG" -> ValueError(MSG); "abort:CODE" -> that status;
-    "metadata" -> SERVING iff x-key == "v1" and x-key-bin == BIN_VALUE.
+    "metadata" -> SERVING iff x-key == "v1" and x-key-bin == BIN_VALUE;
+    "header:V" -> SERVING with the header metadata x-answer: V and x-answer-bin: BIN_VALUE;
+    "header-abort:V" -> those headers, then NOT_FOUND.
     Watch: "stream:N" -> N messages; "stream-idle" -> one, then nothing, forever;
     "stream-forever" -> messages as fast as the client takes them; "stream-raise" -> one, then
     ValueError.
@@ -142,6 +145,11 @@ class RecordingHealth(HealthServicer):  # type: ignore[misc]
                 if arg == "INVALID_ARGUMENT":
                     raise InvalidArgumentError("bad argument")
                 raise RpcFailedError(Status(StatusCode[arg], f"aborted with {arg}"))
+            elif cmd in ("header", "header-abort"):
+                request.set_header("x-answer", arg)
+                request.set_header("x-answer-bin", BIN_VALUE)
+                if cmd == "header-abort":
+                    raise NotFoundError("answered headers, then failed")
             elif cmd == "metadata":
                 ok = (
                     request.metadata("x-key") == "v1" and request.metadata("x-key-bin") == BIN_VALUE
@@ -314,7 +322,8 @@ class GrpcioCall:
 class GrpcioHealth:
     """The grpcio-side servicer (runs in grpcio's threads): records what each call saw.
 
-    Check answers SERVING ("sleep:S": after S seconds). Watch: "stream:N" -> N messages;
+    Check answers SERVING ("sleep:S": after S seconds; "header:V": with the header metadata
+    x-answer: V). Watch: "stream:N" -> N messages;
     otherwise one message, then it waits while `context.is_active()`.
     """
 
@@ -332,6 +341,8 @@ class GrpcioHealth:
         cmd, arg = command(message.service)
         if cmd == "sleep":
             time.sleep(float(arg))
+        elif cmd == "header":
+            context.send_initial_metadata((("x-answer", arg), ("x-answer-bin", BIN_VALUE)))
         return HealthCheckResponse(status=SERVING)
 
     def watch(self, message: HealthCheckRequest, context: grpc.ServicerContext) -> Any:
@@ -450,6 +461,54 @@ async def test_unix_socket_layer_client_calls_layer_server(sockdir):
             assert (await stub.Check(request("metadata"), metadata=meta)).status == SERVING
             async with server_stream(stub.Watch, request("stream:5")) as responses:
                 assert len([m async for m in responses]) == 5
+
+
+async def test_response_header_metadata_layer_server_to_grpcio_and_layer_clients(sockdir):
+    path = f"{sockdir}/x.sock"
+    async with layer_unix_server(path, RecordingHealth()):
+        with grpcio_channel(f"unix://{path}") as channel:
+            check = channel.unary_unary(
+                f"/{SERVICE}/Check",
+                request_serializer=HealthCheckRequest.SerializeToString,
+                response_deserializer=HealthCheckResponse.FromString,
+            )
+            reply, call = await in_thread(check.with_call, request("header:one"), timeout=5)
+            assert reply.status == SERVING
+            assert ("x-answer", "one") in call.initial_metadata()
+            assert ("x-answer-bin", BIN_VALUE) in call.initial_metadata()
+
+            def failing() -> Any:
+                try:
+                    check(request("header-abort:two"), timeout=5)
+                except grpc.RpcError as exc:
+                    return exc
+                raise AssertionError("the call succeeded")
+
+            error = await in_thread(failing)
+            assert error.code() == grpc.StatusCode.NOT_FOUND
+            assert ("x-answer", "two") in error.initial_metadata()
+        async with open_channel(f"unix://{path}") as layer:
+            with trio.fail_after(5):
+                answer = await unary_call(HealthStub(layer).Check, request("header:three"))
+                assert answer.message.status == SERVING
+                assert answer.header("x-answer") == "three"
+                assert answer.header("x-answer-bin") == BIN_VALUE
+                assert answer.header("x-none") is None
+                with pytest.raises(NotFoundError, match="answered headers, then failed"):
+                    await unary_call(HealthStub(layer).Check, request("header-abort:four"))
+                plain = await unary_call(HealthStub(layer).Check, request("plain"))
+                assert plain.headers == ()
+
+
+async def test_response_header_metadata_grpcio_server_to_layer_client(sockdir):
+    path = f"{sockdir}/x.sock"
+    with grpcio_server(GrpcioHealth(), f"unix:{path}"):
+        async with open_channel(f"unix://{path}") as channel:
+            with trio.fail_after(5):
+                answer = await unary_call(HealthStub(channel).Check, request("header:five"))
+    assert answer.message.status == SERVING
+    assert answer.header("x-answer") == "five"
+    assert answer.header("x-answer-bin") == BIN_VALUE
 
 
 # == 2. TCP binds exactly host:port, no SO_REUSEPORT ===============================================

@@ -25,6 +25,7 @@ from proxy.rpc import (
     UnixAddress,
     parse_address,
 )
+from proxy.rpc.server import ResponseHeaders
 from proxy.rpc.status import describe_status, encode_timeout
 
 pytestmark = pytest.mark.timeout(30)
@@ -319,3 +320,24 @@ def test_call_context_metadata_returns_the_first_value_of_a_key_or_none():
 def test_describe_status_names_the_code_and_message():
     assert describe_status(NotFoundError("no such service")) == "NOT_FOUND: no such service"
     assert describe_status(NotFoundError()) == "NOT_FOUND"
+
+
+# -- response header metadata ---------------------------------------------------------------------
+
+
+def test_response_headers_are_refused_at_the_handlers_line_when_malformed_or_late() -> None:
+    headers = ResponseHeaders()
+    headers.add("path", '{"Index":0}')
+    headers.add("x-blob-bin", b"\x00")
+    for key, value in (
+        ("x-blob", b"\x00"),  # bytes need a -bin key
+        ("x-text-bin", "text"),  # and a -bin key needs bytes
+        ("grpc-status", "0"),  # reserved
+        ("Path", "x"),  # HTTP/2 header names are lower case
+    ):
+        with pytest.raises(ValueError, match=repr(key)):
+            headers.add(key, value)
+    assert headers.items == [("path", '{"Index":0}'), ("x-blob-bin", b"\x00")]
+    headers.sent = True
+    with pytest.raises(RuntimeError, match="after the response headers went out"):
+        headers.add("late", "x")
