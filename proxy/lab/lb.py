@@ -54,10 +54,6 @@ from pyroute2.netlink.exceptions import NetlinkError
 from proxy.api.networkservice.connection_pb2 import Connection, Mechanism
 from proxy.api.networkservice.networkservice_grpc import NetworkServiceServicer
 from proxy.api.networkservice.networkservice_pb2 import NetworkServiceRequest
-from proxy.api.registry.registry_grpc import (
-    NetworkServiceEndpointRegistryStub,
-    NetworkServiceRegistryStub,
-)
 from proxy.api.registry.registry_pb2 import (
     NetworkService,
     NetworkServiceEndpoint,
@@ -68,9 +64,10 @@ from proxy.kernel.netlink import NetlinkWorker
 from proxy.kernel.sysctl import write_proc
 from proxy.lab.listen import serve
 from proxy.lab.nsm.kernel import MAX_IFNAME, netns_path
-from proxy.nsm.hoptoken import Signer, call_metadata
+from proxy.nsm.hoptoken import Signer
 from proxy.nsm.path import PathError, server_hop
-from proxy.nsm.sendfd import NETNS_URL, FdPassError, send_endpoint_url, send_mechanisms
+from proxy.nsm.registry_client import RegistryClient
+from proxy.nsm.sendfd import NETNS_URL, FdPassError, send_mechanisms
 from proxy.rpc import (
     Address,
     Backoff,
@@ -189,6 +186,7 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
         self.settings = settings
         # NSM's tokens, signed and checked (None: plain text)
         self.signer = Signer.of(settings.tls, settings.token_lifetime) if settings.tls else None
+        self.registry = RegistryClient(self.signer)  # (its `paths`: what the registry answered)
         self.connections: dict[str, Connection] = {}
         self.registrations: Watched[int] = Watched(0)  # successful Register calls so far
         self.granted: NetworkServiceEndpoint | None = None  # the registry's last answer
@@ -279,18 +277,13 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
                 with trio.fail_after(CALL_TIMEOUT):
                     channel = await registry.get()
                     if channel is not service_registered_on:
-                        await NetworkServiceRegistryStub(channel).Register(
-                            NetworkService(name=settings.service, payload=ETHERNET),
-                            metadata=call_metadata(self.signer, channel),
+                        await self.registry.register_service(
+                            channel, NetworkService(name=settings.service, payload=ETHERNET)
                         )
                         service_registered_on = channel
                     asked = time.time() + settings.registration_lifetime
-                    registration = self.endpoint(asked)
-                    registration.url = send_endpoint_url(channel.fds, registration.url)
                     self._register_sent = True
-                    granted = await NetworkServiceEndpointRegistryStub(channel).Register(
-                        registration, metadata=call_metadata(self.signer, channel)
-                    )
+                    granted = await self.registry.register_endpoint(channel, self.endpoint(asked))
             except (RpcFailedError, trio.TooSlowError, FdPassError) as exc:
                 reason = _reason(exc)
                 if not failing:
@@ -325,11 +318,7 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
             async with open_channel(
                 self.settings.nsm, connect_timeout=STOP_BUDGET, ssl_context=self._client_tls()
             ) as channel:
-                with contextlib.suppress(FdPassError):  # (removed by name all the same)
-                    registration.url = send_endpoint_url(channel.fds, registration.url)
-                await NetworkServiceEndpointRegistryStub(channel).Unregister(
-                    registration, metadata=call_metadata(self.signer, channel)
-                )
+                await self.registry.unregister_endpoint(channel, registration)
         except RpcFailedError as exc:
             logger.warning("unregister failed", nse=self.settings.name, reason=describe_status(exc))
         else:

@@ -26,7 +26,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from loguru import logger
 
 from proxy.api.networkservice.connection_pb2 import Connection, PathSegment
-from proxy.rpc import Channel, Peer, PermissionDeniedError
+from proxy.rpc import Channel, Peer, PermissionDeniedError, RpcFailedError, Status, StatusCode
 from proxy.security.policy import (
     Denial,
     authorize_registration,
@@ -36,16 +36,20 @@ from proxy.security.policy import (
 from proxy.security.spiffe import Identity, IdentityError, certificate_spiffe_id
 from proxy.security.tls import SpiffeTls
 from proxy.security.tokens import (
+    PATH_KEY,
     RegistryPath,
     Token,
     TokenError,
     generate,
+    parse_registry_path,
     read_token_metadata,
+    registry_path_at_server,
     token_metadata,
 )
 from proxy.watched import Watched
 
 __all__ = [
+    "Admission",
     "RegistryGuard",
     "Signer",
     "call_metadata",
@@ -154,12 +158,23 @@ class Signer:
             raise PermissionDeniedError(str(denial))
 
 
+@attrs.frozen
+class Admission:
+    """A registry call the guard lets through."""
+
+    caller: str  # the caller's SPIFFE ID: `sub` of the path's first token
+    path: RegistryPath  # to answer in the `path` header (at the caller's index)
+
+
 class RegistryGuard:
-    """NSM's registry `authorize` for endpoint registrations (a server's side): the caller's
-    metadata token must be valid, unexpired and signed by the TLS peer, and a name registered by
-    one SPIFFE ID may be refreshed or unregistered only by that ID (`client_allowed`). The
-    caller's token stands for the registry path's first segment (the `path` metadata, which
-    carries the same token, is optional on the wire and not read here)."""
+    """NSM's registry `updatepath` and `authorize` servers, for registrations (a registry's
+    side; the lab NSM uses it).
+
+    The `path` metadata the caller sent (none, or one that does not parse: a warning and a
+    fresh path, as nsmgr goes on) gets the caller's metadata token and ours at our hop; the
+    tokens must then be valid, unexpired, chained and the caller's signed by the TLS peer; and
+    a name registered by one SPIFFE ID may be refreshed or unregistered only by that ID
+    (`client_allowed`, for endpoints: `owned`)."""
 
     def __init__(self, signer: Signer) -> None:
         self._signer = signer
@@ -172,16 +187,23 @@ class RegistryGuard:
         peer: Peer,
         *,
         registered: bool,
-    ) -> str:
-        """The caller's SPIFFE ID when it may register or unregister `name` (`registered`: the
-        registry holds it now); PermissionDeniedError with the reason when not."""
+        owned: bool = True,
+    ) -> Admission:
+        """Whether the caller may register or unregister `name` (`registered`: the registry
+        holds it now; `owned`: names are kept to their first registrant); PermissionDeniedError
+        with the reason when not, UNKNOWN for a path that points past its segments (as the
+        sdk's updatepath errs)."""
+        metadata = tuple(metadata)
         try:
             caller = read_token_metadata(metadata)
         except TokenError as exc:
             raise PermissionDeniedError(f"caller token: {exc}") from None
         own = self._signer.token_for(peer)
-        path = RegistryPath(index=1, tokens=(caller.value, own.value))
-        owners = {name: self.owners[name]} if registered and name in self.owners else {}
+        try:
+            path = registry_path_at_server(_sent_path(name, metadata), caller.value, own.value)
+        except TokenError as exc:
+            raise RpcFailedError(Status(StatusCode.UNKNOWN, f"path metadata: {exc}")) from None
+        owners = {name: self.owners[name]} if owned and registered and name in self.owners else {}
         denial = authorize_registration(
             path,
             resource_name=name,
@@ -190,16 +212,29 @@ class RegistryGuard:
             peer_certificate=peer_certificate(peer),
         )
         if denial is not None:
-            logger.warning("registration denied", nse=name, policy=denial.policy.value,
+            logger.warning("registration denied", name=name, policy=denial.policy.value,
                            reason=denial.reason)  # fmt: skip
             raise PermissionDeniedError(str(denial))
-        return registry_caller_id(path)
+        return Admission(registry_caller_id(path), attrs.evolve(path, index=path.index - 1))
 
     def registered(self, name: str, caller: str) -> None:
         self.owners.setdefault(name, (caller,))
 
     def unregistered(self, name: str) -> None:
         self.owners.pop(name, None)
+
+
+def _sent_path(name: str, metadata: Iterable[tuple[str, str | bytes]]) -> RegistryPath:
+    """The `path` the caller sent; a fresh one, with a warning, for none or garbage."""
+    sent = next((value for key, value in metadata if key.lower() == PATH_KEY), None)
+    if sent is None:
+        logger.warning("registration without path metadata", name=name)
+        return RegistryPath()
+    try:
+        return parse_registry_path(sent)
+    except TokenError as exc:
+        logger.warning("registration path metadata ignored", name=name, reason=str(exc))
+        return RegistryPath()
 
 
 def _set(segment: PathSegment, token: Token) -> None:

@@ -6,7 +6,8 @@
   URL, lifetime 1 minute, re-registered at 2/3 of what is left (§5.2-5.3); on NSM's UNIX socket
   the socket file goes as a descriptor with each Register and Unregister and the message names
   it `inode://dev/ino` (NSM's sendfd, `nsm.sendfd`): nsmgr dials us through it, whatever our
-  mount namespace;
+  mount namespace; each call carries the token and the `path` the registry answered last
+  (`registry_client`);
 * when the connection to NSM is lost, both are registered again as soon as it is back, not at
   the next refresh: a restarted registry that kept them in memory has forgotten them, and for up
   to 40 s no target could find this proxy;
@@ -25,7 +26,6 @@ import trio
 from google.protobuf.timestamp_pb2 import Timestamp
 from loguru import logger
 
-from proxy.api.registry import registry_grpc
 from proxy.api.registry.registry_pb2 import (
     Destination,
     Match,
@@ -33,8 +33,8 @@ from proxy.api.registry.registry_pb2 import (
     NetworkServiceEndpoint,
     NetworkServiceLabels,
 )
-from proxy.nsm.hoptoken import Signer, call_metadata
-from proxy.nsm.sendfd import FdPassError, send_endpoint_url
+from proxy.nsm.hoptoken import Signer
+from proxy.nsm.registry_client import FdPassError, RegistryClient
 from proxy.nsm.wire import seconds, timestamp
 from proxy.rpc import Backoff, Channel, ReconnectingChannel, RpcFailedError
 from proxy.rpc.status import describe_status
@@ -91,7 +91,7 @@ class Registration:
         signer: Signer | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        self._signer = signer
+        self._registry = RegistryClient(signer)
         self._nsm = nsm
         self._name = name
         self._service = service
@@ -144,15 +144,10 @@ class Registration:
         """The service (again on each new channel: NSM may have restarted), then the endpoint."""
         channel = await self._nsm.get()
         if channel is not self._service_registered_on:
-            await registry_grpc.NetworkServiceRegistryStub(channel).Register(
-                network_service(self._service), metadata=call_metadata(self._signer, channel)
-            )
+            await self._registry.register_service(channel, network_service(self._service))
             self._service_registered_on = channel
-        stub = registry_grpc.NetworkServiceEndpointRegistryStub(channel)
         nse = endpoint(self._name, self._service, self._host, self._url, self._wall() + LIFETIME)
-        nse.url = send_endpoint_url(channel.fds, self._url)
-        metadata = call_metadata(self._signer, channel)
-        answer: NetworkServiceEndpoint = await stub.Register(nse, metadata=metadata)
+        answer = await self._registry.register_endpoint(channel, nse)
         self.registrations += 1
         if answer.HasField("expiration_time"):
             return channel, answer.expiration_time
@@ -164,13 +159,7 @@ class Registration:
         nse.expiration_time.nanos = 0
         try:
             channel = await self._nsm.get()
-            try:
-                nse.url = send_endpoint_url(channel.fds, self._url)
-            except FdPassError as exc:
-                # The registry removes by name: the socket (gone, it seems) is not needed.
-                logger.debug("unregistering without the socket", name=self._name, reason=str(exc))
-            stub = registry_grpc.NetworkServiceEndpointRegistryStub(channel)
-            await stub.Unregister(nse, metadata=call_metadata(self._signer, channel))
+            await self._registry.unregister_endpoint(channel, nse)
             logger.info("endpoint unregistered", name=self._name)
         except RpcFailedError as exc:
             logger.warning(

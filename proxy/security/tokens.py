@@ -62,6 +62,7 @@ __all__ = [
     "parse_registry_path",
     "parse_rfc3339nano",
     "read_token_metadata",
+    "registry_path_at_server",
     "registry_path_json",
     "token_metadata",
     "verify",
@@ -429,6 +430,32 @@ def parse_registry_path(text: str | bytes) -> RegistryPath:
             raise TokenError(f"the token of path segment {position} is {_a_json_type(token)}")
         tokens.append(token)
     return RegistryPath(index=index, tokens=tuple(tokens))
+
+
+def registry_path_at_server(path: RegistryPath, caller_token: str, own_token: str) -> RegistryPath:
+    """NSM's registry `updatepath` server: the path a client sent, at this server's hop (its
+    `index` at our segment, the caller's token just before it).
+
+    * no segments (a first Register): `[caller, own]`;
+    * the segment after the client's missing: the client's token replaced, ours appended;
+    * both there (a refresh): both tokens replaced, so a stored path never carries stale ones.
+
+    The client gets the result back with its own index (`index - 1`), stores it and sends it
+    again on its next call. TokenError when the index points past the segments.
+    """
+    if not path.tokens:
+        return RegistryPath(index=1, tokens=(caller_token, own_token))
+    if path.index + 1 > len(path.tokens):
+        raise TokenError(
+            f"the path's Index {path.index} points past its {len(path.tokens)} segment(s)"
+        )
+    tokens = list(path.tokens)
+    tokens[path.index] = caller_token
+    if path.index + 1 == len(tokens):
+        tokens.append(own_token)
+    else:
+        tokens[path.index + 1] = own_token
+    return RegistryPath(index=path.index + 1, tokens=tuple(tokens))
 
 
 def _field(obj: dict[str, Any], name: str, default: Any) -> Any:

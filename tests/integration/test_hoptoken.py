@@ -161,7 +161,7 @@ def test_registry_guard_keeps_a_name_to_the_id_that_registered_it() -> None:
             sent if metadata is None else metadata,
             peer,
             registered=registered,
-        )
+        ).caller
 
     lb, intruder = ca.identity("/load-balancer"), ca.identity("/intruder")
     guard.registered("lb0", call(lb, registered=False))
@@ -172,3 +172,68 @@ def test_registry_guard_keeps_a_name_to_the_id_that_registered_it() -> None:
         call(lb, registered=True, metadata=())
     guard.unregistered("lb0")
     assert call(intruder, registered=False) == f"spiffe://{DOMAIN}/intruder"  # free again
+
+
+# -- the registry's path metadata (wire-api §2.5) ------------------------------------------------
+
+
+async def test_the_registry_path_goes_out_and_comes_back_over_mutual_tls(
+    sockdir: str, warnings: list[dict[str, object]]
+) -> None:
+    """The proxy's registry calls carry the path the registry answered last; the lab registry
+    (nsmgr's updatepath and authorize) puts the caller's token and its own in it and answers it
+    in the `path` header."""
+    from proxy.api.registry import registry_grpc
+    from proxy.api.registry.registry_pb2 import NetworkService, NetworkServiceEndpoint
+    from proxy.lab.nsm.forwarding import NoKernel
+    from proxy.lab.nsm.server import serve_nsm
+    from proxy.nsm.registry_client import RegistryClient
+    from proxy.security.tokens import RegistryPath, decode
+
+    ca = LabCa.create(DOMAIN)
+    proxy, nsmgr = ca.identity("/proxy"), ca.identity("/nsmgr")
+    proxy_id, nsmgr_id = str(proxy.spiffe_id), str(nsmgr.spiffe_id)
+    socket_path = f"{sockdir}/nsm.sock"
+    nse = NetworkServiceEndpoint(name="proxy-a", url="tcp://198.18.0.1:5001")
+    nse.expiration_time.seconds = int(datetime.datetime.now(datetime.UTC).timestamp()) + 60
+    key = ("endpoint", "proxy-a")
+    async with trio.open_nursery() as nursery:
+        serve = partial(serve_nsm, socket_path, forwarder=NoKernel(), tls=SpiffeTls(Watched(nsmgr)))
+        await nursery.start(serve)
+        tls = SpiffeTls(Watched(proxy)).client()
+        async with open_channel(f"unix://{socket_path}", ssl_context=tls) as channel:
+            client = RegistryClient(signer(proxy))
+            with trio.fail_after(5):
+                await client.register_service(channel, NetworkService(name=SERVICE))
+                await client.register_endpoint(channel, nse)
+                first = client.paths[key]
+                await client.register_endpoint(channel, nse)  # a refresh, with `first`
+                second = client.paths[key]
+            assert client.paths[("service", SERVICE)].index == 0
+            for path in (first, second):
+                assert path.index == 0  # at our hop, as the client sees it
+                ours, theirs = (decode(token) for token in path.tokens)
+                assert (ours.sub, ours.aud) == (proxy_id, (nsmgr_id,))
+                assert (theirs.sub, theirs.aud) == (nsmgr_id, (proxy_id,))
+            # ECDSA signatures are randomised: both tokens were made again for the refresh.
+            assert set(first.tokens).isdisjoint(second.tokens)
+            assert warnings == []
+
+            # The path really goes out: one pointing past its segments is refused (UNKNOWN, as
+            # the sdk's updatepath errs); the client drops it and the retry starts afresh.
+            client.paths[key] = RegistryPath(index=2, tokens=("a", "b"))
+            with pytest.raises(RpcFailedError, match="points past") as refused:
+                await client.register_endpoint(channel, nse)
+            assert refused.value.status.status_code == StatusCode.UNKNOWN
+            assert key not in client.paths
+            await client.register_endpoint(channel, nse)
+            assert len(client.paths[key].tokens) == 2
+
+            # Without path metadata (optional on the wire), nsmgr warns and goes on.
+            stub = registry_grpc.NetworkServiceEndpointRegistryStub(channel)
+            await stub.Register(nse, metadata=signer(proxy).metadata_for(channel))
+            assert [w["message"] for w in warnings] == ["registration without path metadata"]
+
+            await client.unregister_endpoint(channel, nse)
+            assert key not in client.paths
+        nursery.cancel_scope.cancel()

@@ -26,6 +26,7 @@ from proxy.security.tokens import (
     parse_registry_path,
     parse_rfc3339nano,
     read_token_metadata,
+    registry_path_at_server,
     registry_path_json,
     token_metadata,
     verify,
@@ -551,6 +552,30 @@ def test_a_registry_path_with_tokens() -> None:
     assert text == '{"Index":1,"PathSegments":[{"token":"a.b.c"},{"token":"d.e.f"}]}'
     assert parse_registry_path(text) == path
     assert parse_registry_path(text.encode()) == path
+
+
+@pytest.mark.parametrize(
+    ("sent", "at_server"),
+    [
+        # A first Register: the client's segment and ours, whatever index came with no segments.
+        (RegistryPath(), RegistryPath(1, ("caller", "own"))),
+        (RegistryPath(3), RegistryPath(1, ("caller", "own"))),
+        # A refresh with the path the registry answered last time: both tokens replaced.
+        (RegistryPath(0, ("old-caller", "old-own")), RegistryPath(1, ("caller", "own"))),
+        # A client that is itself a later hop: its segment replaced, ours appended.
+        (RegistryPath(1, ("first", "old-caller")), RegistryPath(2, ("first", "caller", "own"))),
+        (RegistryPath(0, ("old-caller",)), RegistryPath(1, ("caller", "own"))),
+        # Segments after ours (as on a refresh further down a chain) are kept.
+        (RegistryPath(0, ("a", "b", "c")), RegistryPath(1, ("caller", "own", "c"))),
+    ],
+)
+def test_registry_updatepath_server(sent: RegistryPath, at_server: RegistryPath) -> None:
+    assert registry_path_at_server(sent, "caller", "own") == at_server
+
+
+def test_registry_updatepath_server_refuses_an_index_past_the_segments() -> None:
+    with pytest.raises(TokenError, match="Index 2 points past its 2 segment"):
+        registry_path_at_server(RegistryPath(2, ("a", "b")), "caller", "own")
 
 
 @pytest.mark.parametrize(

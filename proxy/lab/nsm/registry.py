@@ -21,7 +21,10 @@
   node's nsmgr and registry in one); the Register answer carries the URL the endpoint sent, for
   it to map back. An `inode://` URL on a connection that cannot carry descriptors (TCP) is
   stored as it came, as recvfd passes it on; any other URL (`unix://path`, `tcp://`) likewise.
-* No tokens and no path metadata: the lab trusts its local clients.
+* With mutual TLS, Register and Unregister go through NSM's registry `updatepath` and
+  `authorize` (`RegistryGuard`): the caller's token and `path` metadata, the path answered in
+  the `path` response header, an endpoint name kept to the SPIFFE ID that registered it. In
+  plain text the lab trusts its local clients (no tokens, no path).
 
 All state is owned by one task (`Registry.run`); the gRPC handlers and the manager hand it jobs
 through a `Mailbox`. A watcher gets its changes through its own bounded memory channel: one that
@@ -62,6 +65,7 @@ from proxy.lab.nsm.recvfd import Handoff, receive
 from proxy.nsm.hoptoken import RegistryGuard
 from proxy.rpc import CallContext, DeadlineExceededError, InvalidArgumentError
 from proxy.rpc.fdpass import FdUrlError, is_inode_url, parse_inode_url, proc_fd_url
+from proxy.security.tokens import PATH_KEY, registry_path_json
 
 DEFAULT_LIFETIME = 60.0
 RECEIVE_TIMEOUT = 15.0  # for an endpoint's socket descriptor, when the caller set no deadline
@@ -488,13 +492,36 @@ async def _changes(changes: Changes | None) -> AsyncIterator[Change[Any]]:
             yield change
 
 
+def admit(
+    guard: RegistryGuard | None,
+    name: str,
+    request: CallContext,
+    *,
+    registered: bool = False,
+    owned: bool = True,
+) -> str | None:
+    """The guard's checks (none in plain text): the caller's SPIFFE ID; the path it is to
+    carry on goes in the answer's `path` header."""
+    if guard is None:
+        return None
+    admission = guard.check(
+        name, request.custom_metadata, request.peer, registered=registered, owned=owned
+    )
+    request.set_header(PATH_KEY, registry_path_json(admission.path))
+    return admission.caller
+
+
 class NetworkServiceRegistryServicer(registry_grpc.NetworkServiceRegistryServicer):  # type: ignore[misc]
-    def __init__(self, registry: Registry) -> None:
+    """Services are shared by name (every LB registers its conduit's), so no owner is kept."""
+
+    def __init__(self, registry: Registry, guard: RegistryGuard | None = None) -> None:
         self._registry = registry
+        self._guard = guard
 
     async def Register(self, message: NetworkService, request: CallContext) -> NetworkService:
         if not message.name:
             raise InvalidArgumentError("the network service has no name")
+        admit(self._guard, message.name, request, owned=False)
         return await self._registry.register_service(message)
 
     async def Find(
@@ -513,6 +540,7 @@ class NetworkServiceRegistryServicer(registry_grpc.NetworkServiceRegistryService
                 changes.close()
 
     async def Unregister(self, message: NetworkService, request: CallContext) -> Empty:
+        admit(self._guard, message.name, request, owned=False)
         await self._registry.unregister_service(message)
         return Empty()
 
@@ -528,7 +556,7 @@ class NetworkServiceEndpointRegistryServicer(
         if self._guard is None:
             return None
         registered = await self._registry.endpoint(name) is not None
-        return self._guard.check(name, request.custom_metadata, request.peer, registered=registered)
+        return admit(self._guard, name, request, registered=registered)
 
     async def Register(
         self, message: NetworkServiceEndpoint, request: CallContext

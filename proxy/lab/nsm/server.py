@@ -80,11 +80,10 @@ async def serve_nsm(
         signer=Signer.of(tls, default_lifetime) if tls else None,
     )
     manager = Manager(registry, forwarder, clock, settings)
+    guard = RegistryGuard(settings.signer) if settings.signer else None
     servicers = [
-        NetworkServiceRegistryServicer(registry),
-        NetworkServiceEndpointRegistryServicer(
-            registry, RegistryGuard(settings.signer) if settings.signer else None
-        ),
+        NetworkServiceRegistryServicer(registry, guard),
+        NetworkServiceEndpointRegistryServicer(registry, guard),
         NetworkServiceServicer(manager),
         MonitorConnectionServicer(manager),
     ]
