@@ -244,7 +244,7 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
                 hop = server_hop(message, self.settings.name)
             except PathError as exc:
                 raise InvalidArgumentError(str(exc)) from None
-            signer.server_check(hop.connection, request.custom_metadata, request.peer)
+            signer.server_check(hop.connection, request.custom_metadata, request.peer, closing=True)
         if self.connections.pop(message.id, None) is not None:
             logger.info("connection closed", conn_id=message.id)
         return Empty()

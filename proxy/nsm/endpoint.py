@@ -259,7 +259,9 @@ class TargetEndpoint:
         except PathError:
             return Empty()  # nothing of ours can be behind a path we could not take
         if self._signer is not None:
-            self._signer.server_check(hop.connection, context.custom_metadata, context.peer)
+            self._signer.server_check(
+                hop.connection, context.custom_metadata, context.peer, closing=True
+            )
         async with self._turn(hop.connection.id):
             if hop.connection.id in self.connections:
                 await self._forget(hop.connection.id, reason="closed")

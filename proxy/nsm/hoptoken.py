@@ -29,6 +29,7 @@ from proxy.api.networkservice.connection_pb2 import Connection, PathSegment
 from proxy.rpc import Channel, Peer, PermissionDeniedError, RpcFailedError, Status, StatusCode
 from proxy.security.policy import (
     Denial,
+    ExpiryScope,
     authorize_registration,
     authorize_request,
     registry_caller_id,
@@ -135,10 +136,18 @@ class Signer:
         connection: Connection,
         metadata: Iterable[tuple[str, str | bytes]],
         peer: Peer,
+        *,
+        closing: bool = False,
     ) -> None:
         """updatetoken server, then authorize: `connection` is at our hop (after updatepath);
         the previous segment gets the caller's metadata token, ours a fresh one for the caller;
-        PermissionDeniedError with the reason when NSM's policies deny it."""
+        PermissionDeniedError with the reason when NSM's policies deny it.
+
+        A Close (`closing`) is checked for expiry from our segment on, as NSM's newer
+        `tokens_expired` does (sdk issue 1512): a connection is closed for a client that is
+        gone exactly when the client's token has expired (the manager's timeout), and refusing
+        that Close would leave its interface and addresses until our own expiry. The caller is
+        still authenticated (its token valid, chained and signed by the TLS peer)."""
         path = connection.path
         if path.index < 1:
             raise PermissionDeniedError("no previous path segment: nobody to authorize")
@@ -151,10 +160,14 @@ class Signer:
         previous.expires.CopyFrom(_stamp(caller.expires))
         _set(path.path_segments[path.index], self.token_for(peer))
         denial: Denial | None = authorize_request(
-            path, now=self.clock(), peer_certificate=peer_certificate(peer)
+            path,
+            now=self.clock(),
+            peer_certificate=peer_certificate(peer),
+            expiry_scope=ExpiryScope.FROM_INDEX if closing else ExpiryScope.LEFT_SIDE,
         )
         if denial is not None:
-            logger.warning("request denied", policy=denial.policy.value, reason=denial.reason)
+            logger.warning("close denied" if closing else "request denied",
+                           policy=denial.policy.value, reason=denial.reason)  # fmt: skip
             raise PermissionDeniedError(str(denial))
 
 

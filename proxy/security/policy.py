@@ -48,8 +48,9 @@ Where this deviates, and why:
   `common/tokens_expired.rego` checks only the segments from `index` on (sdk issue 1512 / PR
   1517: a Close after the client's token expired must still get through). Over the server's
   left side that is its own fresh token alone. `ExpiryScope` picks one; the default is the whole
-  left side, the stricter reading, so a caller that wants the lenient one (say, for a Close)
-  asks for it by name.
+  left side, the stricter reading, so a caller that wants the lenient one asks for it by name:
+  `proxy.nsm.hoptoken` does for a Close, which the manager sends for a vanished client exactly
+  when the client's token has expired.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from functools import partial
 
 import pytest
 import trio
+from google.protobuf.empty_pb2 import Empty
 
 from proxy.api.networkservice import networkservice_grpc
 from proxy.api.networkservice.connection_pb2 import Connection, PathSegment
@@ -41,6 +42,13 @@ class CheckingEndpoint(networkservice_grpc.NetworkServiceServicer):  # type: ign
         hop = server_hop(message.connection, "endpoint")
         self.signer.server_check(hop.connection, request.custom_metadata, request.peer)
         return hop.answer(hop.connection)
+
+    async def Close(self, message: Connection, request: CallContext) -> Empty:
+        hop = server_hop(message, "endpoint")
+        self.signer.server_check(
+            hop.connection, request.custom_metadata, request.peer, closing=True
+        )
+        return Empty()
 
 
 def token(key_of: Identity, claims_of: Identity, peer_id: str, now: datetime.datetime) -> Token:
@@ -132,6 +140,39 @@ async def test_bad_tokens_are_permission_denied_with_the_policy(sockdir: str) ->
         # Signed by another workload than the TLS peer (a token passed on by a third party).
         stolen = token_metadata(token(ca.identity("/thief"), client, proxy_id, now))
         assert "prev_token_signed" in await denied(path, client, metadata=stolen)
+
+
+async def test_a_close_for_a_client_whose_token_expired_passes_a_request_does_not(
+    sockdir: str,
+) -> None:
+    """The manager closes a vanished client's connection when the client's token expires
+    (segment 0 here): the Close must get through (sdk issue 1512), a Request with that path
+    must not. The manager itself (the caller) signs afresh either way."""
+    ca = LabCa.create(DOMAIN)
+    path = f"{sockdir}/endpoint.sock"
+    target, nsmgr = ca.identity("/target"), ca.identity("/nsmgr")
+    long_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
+    expired = token(target, target, str(nsmgr.spiffe_id), long_ago)
+
+    def connection() -> Connection:
+        conn = Connection(id="nsmgr-0", network_service=SERVICE)
+        conn.path.index = 1
+        conn.path.path_segments.append(PathSegment(name="tg0", id="tg0-red-0", token=expired.value))
+        conn.path.path_segments.append(PathSegment(name="nsmgr", id="nsmgr-0"))
+        return conn
+
+    async with endpoint(path, ca.identity("/proxy")):
+        tls = SpiffeTls(Watched(nsmgr))
+        async with open_channel(f"unix://{path}", ssl_context=tls.client()) as channel:
+            stub = networkservice_grpc.NetworkServiceStub(channel)
+            with trio.fail_after(5):
+                closing = connection()
+                await stub.Close(closing, metadata=sign_request(signer(nsmgr), closing, channel))
+                requesting = NetworkServiceRequest(connection=connection())
+                metadata = sign_request(signer(nsmgr), requesting.connection, channel)
+                with pytest.raises(RpcFailedError, match="tokens_expired") as refused:
+                    await stub.Request(requesting, metadata=metadata)
+    assert refused.value.status.status_code == StatusCode.PERMISSION_DENIED
 
 
 def test_registry_guard_keeps_a_name_to_the_id_that_registered_it() -> None:

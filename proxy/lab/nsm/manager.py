@@ -580,7 +580,9 @@ class Manager:
         except PathError as exc:
             raise InvalidArgumentError(str(exc)) from None
         if self.settings.signer is not None:
-            self.settings.signer.server_check(at_hop, context.custom_metadata, context.peer)
+            self.settings.signer.server_check(
+                at_hop, context.custom_metadata, context.peer, closing=True
+            )
         # Once its turn comes (after a Request in flight for the same id), a Close is carried
         # out even if its caller has given up: the NSE call within close_timeout.
         await self._submit(at_hop.id, _CloseOp, create=False)
