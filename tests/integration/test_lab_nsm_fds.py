@@ -87,6 +87,19 @@ class PassingNse(NetworkServiceServicer):  # type: ignore[misc]
         return Empty()
 
 
+class SilentNse(PassingNse):
+    """An NSE whose answer names its namespace by a descriptor it never sends."""
+
+    async def Request(self, message: NetworkServiceRequest, request: CallContext) -> Connection:
+        hop = server_hop(message.connection, self.name)
+        parameters = {"name": NSE_IF, "inodeURL": "inode://1/2"}
+        hop.connection.mechanism.CopyFrom(
+            Mechanism(cls="LOCAL", type="KERNEL", parameters=parameters)
+        )
+        self.requests += 1
+        return hop.answer(hop.connection)
+
+
 # -- the lab NSM as a process ----------------------------------------------------------------------
 
 
@@ -409,3 +422,25 @@ async def test_a_descriptor_that_never_comes_is_a_deadline_and_nothing_is_wired(
                 within=5.0,
                 interval=0.05,
             )
+
+
+async def test_an_endpoint_whose_namespace_never_comes_is_closed_again(sockdir: str) -> None:
+    """The NSE answered (it holds a connection now) but its namespace never arrives: the
+    Request fails at the deadline, and the NSE is told with a Close at once rather than left
+    with a connection nobody refreshes."""
+    with namespaces("nse") as names, nameless_namespace() as client_ns:
+        nse = SilentNse("nse-a", f"/run/netns/{names['nse']}")
+        socket_path = f"{sockdir}/nse.sock"
+        async with serving_nse(socket_path, nse), lab_nsm(sockdir) as nsm:
+            await register_by_descriptor(nsm, "nse-a", socket_path)
+            async with open_channel(f"unix://{nsm.path}") as channel:
+                assert channel.fds is not None
+                message = client_request("nsc-1", channel.fds.send_fd(client_ns))
+                with pytest.raises(trio.TooSlowError), trio.fail_after(2):  # sent as grpc-timeout
+                    await NetworkServiceStub(channel).Request(message)
+            assert nse.requests == 1
+            await eventually(lambda: nse.closes == 1, within=5.0, interval=0.05)
+            assert "endpoint connection closed again" in nsm.log
+            assert NSC_IF not in links_through(client_ns)
+            assert links_in(names["nse"]) == {"lo"}
+            await unregister(nsm, "nse-a", None)

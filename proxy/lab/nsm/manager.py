@@ -731,6 +731,7 @@ class Manager:
         "endpoint" one; its path is the third value (None: the answer passed none)."""
         nse = await self.registry.endpoint(nse.name) or nse
         where = f"endpoint {nse.name!r} ({nse.url or 'no URL'})"
+        unwired: Connection | None = None  # answered, but what it names did not come
         try:
             async with open_channel(
                 mapped_url(nse.url, self.settings.path_map),
@@ -744,7 +745,9 @@ class Manager:
                 )
                 path = None
                 if netns is not None:
+                    unwired = reply
                     path = await _endpoint_netns(reply, channel, netns)
+                    unwired = None
                 return reply, channel.connection.peer, path
         except AddressError as exc:
             raise UnavailableError(f"{where} has no valid URL: {exc}") from None
@@ -756,6 +759,22 @@ class Manager:
             raise RpcFailedError(
                 Status(exc.status.status_code, f"{where} answered {describe_status(exc)}")
             ) from None
+        finally:
+            if unwired is not None:
+                # The NSE holds a connection the manager cannot wire: closed again now (on a
+                # new channel: this one went with the failure) rather than left to expire.
+                await self._close_unwired(nse, unwired)
+
+    async def _close_unwired(self, nse: NetworkServiceEndpoint, answer: Connection) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(self.settings.close_timeout):
+            try:
+                await self.call_endpoint(nse, "Close", answer)
+            except RpcFailedError as exc:
+                logger.warning("close towards the endpoint failed", nse=nse.name,
+                               reason=exc.status.status_message)  # fmt: skip
+            else:
+                logger.info("endpoint connection closed again: its answer could not be wired",
+                            nse=nse.name, conn_id=answer.id)  # fmt: skip
 
 
 async def _endpoint_netns(answer: Connection, channel: Channel, netns: Netns) -> str | None:
