@@ -42,7 +42,7 @@ Kind = Literal["service", "endpoint"]
 class RegistryClient:
     """Registry calls with tokens, the path each name was last answered, and sendfd.
 
-    `paths` is what the registry answered, per (kind, name): read by tests and `lab status`."""
+    `paths`: what the registry answered last, per (kind, name)."""
 
     def __init__(self, signer: Signer | None) -> None:
         self._signer = signer
