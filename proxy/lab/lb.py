@@ -68,6 +68,7 @@ from proxy.nsm.hoptoken import Signer
 from proxy.nsm.path import PathError, server_hop
 from proxy.nsm.registry_client import RegistryClient
 from proxy.nsm.sendfd import NETNS_URL, FdPassError, send_mechanisms
+from proxy.nsm.wire import seconds, timestamp
 from proxy.rpc import (
     Address,
     Backoff,
@@ -97,7 +98,6 @@ __all__ = [
     "run_worker",
     "select_mechanism",
     "timestamp",
-    "wall_seconds",
 ]
 
 KERNEL = "KERNEL"
@@ -164,15 +164,6 @@ def netns_url(netns: str | None) -> str:
     """The `inodeURL` of a namespace: its file (a named one), else our own (the calling
     thread's, as the sdk's kernel mechanism sets it)."""
     return f"file://{netns_path(netns)}" if netns is not None else NETNS_URL
-
-
-def timestamp(seconds: float) -> Timestamp:
-    whole = int(seconds // 1)
-    return Timestamp(seconds=whole, nanos=int((seconds - whole) * 1e9))
-
-
-def wall_seconds(stamp: Timestamp) -> float:
-    return stamp.seconds + stamp.nanos / 1e9
 
 
 # -- the endpoint --------------------------------------------------------------------------------
@@ -296,7 +287,7 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
             backoff.reset()
             failing = False
             self.granted = granted
-            expires = wall_seconds(granted.expiration_time)
+            expires = seconds(granted.expiration_time)
             if not granted.HasField("expiration_time") or expires <= 0:
                 expires = asked
             if self.registrations.value == 0:

@@ -48,7 +48,7 @@ from proxy.api.networkservice.networkservice_grpc import NetworkServiceStub
 from proxy.api.networkservice.networkservice_pb2 import NetworkServiceRequest
 from proxy.kernel.errors import Exists, KernelError, NoSuchDevice, NotFound, from_netlink_error
 from proxy.kernel.netlink import NetlinkWorker
-from proxy.lab.lb import ETHERNET, KERNEL, netns_url, run_worker, wall_seconds
+from proxy.lab.lb import ETHERNET, KERNEL, netns_url, run_worker
 from proxy.lab.nsm.kernel import validate_ifname
 from proxy.nsm.hoptoken import Signer, sign_request
 from proxy.nsm.sendfd import (
@@ -57,6 +57,7 @@ from proxy.nsm.sendfd import (
     restore_mechanism,
     send_mechanisms,
 )
+from proxy.nsm.wire import seconds
 from proxy.rpc import Address, Backoff, ReconnectingChannel, RpcFailedError, Tls, open_channel
 from proxy.rpc.status import describe_status
 from proxy.security.tls import SpiffeTls
@@ -142,7 +143,7 @@ def refreshed_request(previous: NetworkServiceRequest, answer: Connection) -> Ne
 def refresh_delay(answer: Connection, now: float, fallback: float) -> float:
     """1/3 of the time left until the earliest `expires` of the answer's path segments."""
     expiries = [
-        wall_seconds(segment.expires)
+        seconds(segment.expires)
         for segment in answer.path.path_segments
         if segment.HasField("expires")
     ]

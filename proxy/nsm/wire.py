@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -17,12 +18,12 @@ def interface_name(service: str, key: str) -> str:
 
 
 def timestamp(seconds: float) -> Timestamp:
-    """A protobuf Timestamp for a wall-clock time in seconds."""
-    stamp = Timestamp()
-    stamp.seconds = int(seconds)
-    stamp.nanos = int((seconds - int(seconds)) * 1e9)
-    return stamp
+    """A protobuf Timestamp for a wall-clock time in seconds (negative ones too: the seconds
+    are floored, so that nanos stay in [0, 1e9) as protobuf requires)."""
+    whole = math.floor(seconds)
+    return Timestamp(seconds=whole, nanos=min(int((seconds - whole) * 1e9), 999_999_999))
 
 
 def seconds(stamp: Timestamp) -> float:
+    """A protobuf Timestamp as wall-clock seconds."""
     return stamp.seconds + stamp.nanos / 1e9

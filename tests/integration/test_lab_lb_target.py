@@ -42,10 +42,9 @@ from proxy.lab.lb import (
     LoadBalancer,
     interface_name,
     run_lb,
-    timestamp,
-    wall_seconds,
 )
 from proxy.lab.target import MIN_REFRESH, Target, TargetSettings, refresh_delay, run_target
+from proxy.nsm.wire import seconds, timestamp
 from proxy.rpc import CallContext, InvalidArgumentError, Server, UnixAddress, open_channel
 from proxy.rpc.fdpass import FdTransceiver, inode_url_of_path
 from tests.integration.netns import ip, ip_json, namespaces, veth
@@ -258,7 +257,7 @@ async def test_lb_registers_answers_and_unregisters(sockdir: str) -> None:
                 assert first.url == inode_url_of_path(listen)
                 assert registry.sockets[0] == inode_of(listen)
                 assert dict(first.network_service_labels[SERVICE].labels) == dict(settings.labels)
-                assert wall_seconds(first.expiration_time) > time.time() + 30  # asks for 60 s
+                assert seconds(first.expiration_time) > time.time() + 30  # asks for 60 s
                 assert lb.registrations.value >= 2  # the third answer may be on its way
 
                 async with open_channel(f"unix://{listen}") as channel:
@@ -271,7 +270,7 @@ async def test_lb_registers_answers_and_unregisters(sockdir: str) -> None:
                     assert [s.name for s in segments] == ["proxy-a", "nsmgr", "lb-a"]
                     own = segments[2]
                     assert own.id not in ("", "mgr-conn-1")
-                    assert wall_seconds(own.expires) > time.time()
+                    assert seconds(own.expires) > time.time()
                     assert answer.network_service_endpoint_name == "lb-a"
                     assert answer.mechanism.type == "KERNEL"
                     name = answer.mechanism.parameters["name"]

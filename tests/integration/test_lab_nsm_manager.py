@@ -45,8 +45,8 @@ from proxy.api.registry.registry_pb2 import (
     NetworkServiceLabels,
 )
 from proxy.lab.nsm.forwarding import NoKernel, Wiring
-from proxy.lab.nsm.registry import from_timestamp
 from proxy.lab.nsm.server import serve_nsm
+from proxy.nsm.wire import seconds
 from proxy.rpc import CallContext, Server, open_channel
 from tests.integration.grpcio_stream import pumped
 from tests.integration.lab_process import lab_process
@@ -278,7 +278,7 @@ async def test_a_request_reaches_the_endpoint_and_is_wired(workdir: str) -> None
         assert [segment.name for segment in segments] == ["target-a", "nsmgr-lab", "nse-a"]
         assert segments[0].id == "target-a-0"
         assert uuid.UUID(segments[1].id).version == 4
-        assert abs(from_timestamp(segments[1].expires) - (time.time() + 60)) < 5
+        assert abs(seconds(segments[1].expires) - (time.time() + 60)) < 5
         assert answer.network_service_endpoint_name == "nse-a"
         assert answer.context.ip_context == sent.connection.context.ip_context
 

@@ -32,8 +32,8 @@ from proxy.api.registry.registry_pb2 import (
     NetworkServiceResponse,
 )
 from proxy.lab.nsm.forwarding import NoKernel
-from proxy.lab.nsm.registry import to_timestamp
 from proxy.lab.nsm.server import serve_nsm
+from proxy.nsm.wire import timestamp
 from tests.integration.grpcio_stream import pumped
 
 pytestmark = pytest.mark.timeout(30)
@@ -133,7 +133,7 @@ def endpoint(name: str, *, node: str = "node-a", lifetime: float | None = 60.0, 
         **fields,
     )
     if lifetime is not None:
-        nse.expiration_time.CopyFrom(to_timestamp(time.time() + lifetime))
+        nse.expiration_time.CopyFrom(timestamp(time.time() + lifetime))
     return nse
 
 

@@ -48,7 +48,7 @@ from proxy.lab.nsm.manager import (
     valid_ifname,
     wiring_for,
 )
-from proxy.lab.nsm.registry import from_timestamp, to_timestamp
+from proxy.nsm.wire import seconds, timestamp
 
 SERVICE = "proxy.conduit-a.trench-a.default"
 
@@ -324,8 +324,8 @@ def test_valid_ifname(name: str, valid: bool) -> None:
 def test_connection_expiry_is_the_earliest_segment_expiry() -> None:
     conn = connection(("client", "c"), ("nsmgr", "m"), ("nse", "e"))
     assert connection_expiry(conn) == math.inf
-    conn.path.path_segments[1].expires.CopyFrom(to_timestamp(2000))
-    conn.path.path_segments[2].expires.CopyFrom(to_timestamp(1500.5))
+    conn.path.path_segments[1].expires.CopyFrom(timestamp(2000))
+    conn.path.path_segments[2].expires.CopyFrom(timestamp(1500.5))
     assert connection_expiry(conn) == 1500.5
 
 
@@ -336,7 +336,7 @@ def test_forward_request_points_at_the_managers_hop() -> None:
     assert (first.connection.path.index, first.connection.id) == (1, "m")
     assert first.connection.network_service_endpoint_name == "nse-a"
     assert not first.connection.HasField("mechanism")  # the client's is not the NSE's
-    assert from_timestamp(first.connection.path.path_segments[1].expires) == 1060
+    assert seconds(first.connection.path.path_segments[1].expires) == 1060
     assert [(m.cls, m.type) for m in first.mechanism_preferences] == [("LOCAL", "KERNEL")]
     kept = Mechanism(cls="LOCAL", type="KERNEL", parameters={"name": "nse-if0"})
     assert forward_request(conn, "nse-a", kept, 1060.0).connection.mechanism == kept

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.api.networkservice.connection_pb2 import (
     Connection,
@@ -21,7 +23,7 @@ from proxy.nsm.mesh import (
     time_left,
 )
 from proxy.nsm.registration import endpoint, network_service, refresh_after
-from proxy.nsm.wire import interface_name
+from proxy.nsm.wire import interface_name, seconds, timestamp
 
 SETTINGS = MeshSettings("proxy-a", "conduit-a.trench-a.red", 1500, 15.0, 5.0, 600.0)
 
@@ -127,3 +129,15 @@ def test_recovery_takes_our_connection_from_the_managers_first_event() -> None:
     assert recoverable(event, "c-3") is None
     ours.mechanism.type = "MEMIF"
     assert recoverable(event, "c-1") is None
+
+
+@given(st.floats(min_value=-4e9, max_value=4e9, allow_nan=False))
+def test_timestamps_round_trip_within_a_microsecond_negative_ones_too(wall: float) -> None:
+    stamp = timestamp(wall)
+    assert 0 <= stamp.nanos < 1_000_000_000  # protobuf's rule, also before the epoch
+    assert abs(seconds(stamp) - wall) < 1e-6
+
+
+def test_a_timestamp_before_the_epoch_floors_its_seconds() -> None:
+    assert timestamp(-1.25) == Timestamp(seconds=-2, nanos=750_000_000)
+    assert timestamp(-1) == Timestamp(seconds=-1, nanos=0)

@@ -91,10 +91,9 @@ from proxy.lab.nsm.registry import (
     Registry,
     WallClock,
     deliver,
-    from_timestamp,
-    to_timestamp,
 )
 from proxy.nsm.hoptoken import Signer, sign_request
+from proxy.nsm.wire import seconds, timestamp
 from proxy.rpc import (
     AddressError,
     CallContext,
@@ -327,7 +326,7 @@ def connection_expiry(connection: Connection) -> float:
     """The earliest `expires` of the path's segments (wall clock); inf when none has one."""
     return min(
         (
-            from_timestamp(segment.expires)
+            seconds(segment.expires)
             for segment in connection.path.path_segments
             if segment.HasField("expires")
         ),
@@ -390,7 +389,7 @@ def forward_request(
     connection = Connection()
     connection.CopyFrom(at_hop)
     connection.network_service_endpoint_name = endpoint
-    connection.path.path_segments[connection.path.index].expires.CopyFrom(to_timestamp(expires))
+    connection.path.path_segments[connection.path.index].expires.CopyFrom(timestamp(expires))
     connection.ClearField("mechanism")
     if endpoint_mechanism is not None:
         connection.mechanism.CopyFrom(endpoint_mechanism)

@@ -48,7 +48,6 @@ import attrs
 import outcome
 import trio
 from google.protobuf.empty_pb2 import Empty
-from google.protobuf.timestamp_pb2 import Timestamp
 from loguru import logger
 from purerpc.grpclib.exceptions import ResourceExhaustedError
 
@@ -63,6 +62,7 @@ from proxy.api.registry.registry_pb2 import (
 )
 from proxy.lab.nsm.recvfd import Handoff, receive
 from proxy.nsm.hoptoken import RegistryGuard
+from proxy.nsm.wire import seconds, timestamp
 from proxy.rpc import CallContext, DeadlineExceededError, InvalidArgumentError
 from proxy.rpc.fdpass import FdUrlError, is_inode_url, parse_inode_url, proc_fd_url
 from proxy.security.tokens import PATH_KEY, registry_path_json
@@ -95,15 +95,6 @@ class WallClock:
     def trio_time(self, wall: float) -> float:
         """The trio time at which the wall clock reads `wall`."""
         return wall - self._offset
-
-
-def to_timestamp(seconds: float) -> Timestamp:
-    whole = math.floor(seconds)
-    return Timestamp(seconds=whole, nanos=min(int((seconds - whole) * 1e9), 999_999_999))
-
-
-def from_timestamp(stamp: Timestamp) -> float:
-    return stamp.seconds + stamp.nanos / 1e9
 
 
 # -- owning state in one task ----------------------------------------------------------------------
@@ -212,16 +203,16 @@ def stamp_registration(
     stored = NetworkServiceEndpoint()
     stored.CopyFrom(nse)
     if not stored.HasField("expiration_time"):
-        stored.expiration_time.CopyFrom(to_timestamp(now + default_lifetime))
+        stored.expiration_time.CopyFrom(timestamp(now + default_lifetime))
     if previous is not None and previous.HasField("initial_registration_time"):
         stored.initial_registration_time.CopyFrom(previous.initial_registration_time)
     else:
-        stored.initial_registration_time.CopyFrom(to_timestamp(now))
+        stored.initial_registration_time.CopyFrom(timestamp(now))
     return stored
 
 
 def expiry_of(nse: NetworkServiceEndpoint) -> float:
-    return from_timestamp(nse.expiration_time) if nse.HasField("expiration_time") else math.inf
+    return seconds(nse.expiration_time) if nse.HasField("expiration_time") else math.inf
 
 
 def expired(endpoints: Iterable[NetworkServiceEndpoint], now: float) -> list[str]:
