@@ -267,6 +267,7 @@ async def _control_plane(
             default_lifetime=config.max_token_lifetime,
             signer=signer,
         )
+        settle_by = trio.current_time() + config.request_timeout
         mesh = Mesh(
             settings, nsm=nsm_channel, addresses=addresses, router=router.clone(), shutdown=shutdown
         )
@@ -319,11 +320,18 @@ async def _control_plane(
             signer=signer,
         )
         plane.start_soon(registration.run)
-        # Whatever a previous instance left and nobody reports within one request timeout is
-        # stale (LB nexthops, ports): the router stops adopting it then.
-        await trio.sleep(config.request_timeout)
+        # The LB nexthops a previous instance left and nobody claims once the LBs registered
+        # at start are connected again (at most one request timeout) are stale: the router
+        # stops adopting them then.
+        with trio.move_on_at(settle_by) as fallback:
+            await mesh.settled.wait()
         await router.send(ConnectionsKnown())
-        logger.info("connections settled", load_balancers=len(mesh.connections))
+        logger.info(
+            "connections settled",
+            load_balancers=len(mesh.connections),
+            by="timeout" if fallback.cancelled_caught else "listing",
+            after=f"{trio.current_time() - settle_by + config.request_timeout:.2f}s",
+        )
 
 
 async def follow_egress(router: Router, health: Health) -> None:

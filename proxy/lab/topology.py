@@ -1091,14 +1091,22 @@ class Topology:
     # -- changing the lab --------------------------------------------------------------------------
 
     async def restart_proxy(
-        self, how: int = signal.SIGTERM, *, wait_ready: bool = True, down_for: float = 0.0
+        self,
+        how: int = signal.SIGTERM,
+        *,
+        wait_ready: bool = True,
+        down_for: float = 0.0,
+        while_down: Callable[[], Awaitable[None]] | None = None,
     ) -> float:
-        """Stop the proxy with `how` (SIGKILL: as a crash), then start it again with the same
-        environment; by default wait until the lab is ready again and the new proxy has
-        settled. The seconds from the signal until ready (0 when not waiting)."""
+        """Stop the proxy with `how` (SIGKILL: as a crash), then (after `while_down`, if any)
+        start it again with the same environment; by default wait until the lab is ready again
+        and the new proxy has settled. The seconds from the signal until ready (0 when not
+        waiting)."""
         await self._note_proxy_socket_dir()
         started = trio.current_time()
         await self._stop("proxy", how)
+        if while_down is not None:
+            await while_down()
         await trio.sleep(down_for)
         self._start_proxy()
         if not wait_ready:

@@ -8,6 +8,10 @@ timer while the stream is open, not only when it ends).
 
 Only what changes goes out on the channel: `LbSeen` when an endpoint appears, `LbGone` when it
 goes. The mesh owns the connections.
+
+Once, at start, a Find without watch lists the endpoints there are (a watching Find has no mark
+where the current ones end and changes begin): `LbListed` follows their `LbSeen`, so the mesh
+can tell when every load-balancer known at start is connected again (`Mesh.settled`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from proxy.nsm.wire import seconds
 from proxy.rpc import Backoff, ReconnectingChannel, RpcFailedError, server_stream
 from proxy.rpc.status import describe_status
 
+LIST_TIMEOUT = 5.0  # the first listing; the mesh falls back on NSM_REQUEST_TIMEOUT without it
+
 
 @attrs.frozen
 class LbSeen:
@@ -42,7 +48,14 @@ class LbGone:
     reason: str
 
 
-LbEvent = LbSeen | LbGone
+@attrs.frozen
+class LbListed:
+    """Every endpoint registered at start has been announced (`LbSeen`): these."""
+
+    names: frozenset[str]
+
+
+LbEvent = LbSeen | LbGone | LbListed
 
 
 def is_alive(response: NetworkServiceEndpointResponse) -> bool:
@@ -89,6 +102,7 @@ class Discovery:
         task_status.started()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sweep_periodically)
+            await self._list()
             failures = 0
             while True:
                 try:
@@ -101,11 +115,32 @@ class Discovery:
                 await self._sweep()
                 await trio.sleep(0.5 if failures == 0 else self._backoff.next_delay())
 
-    async def _watch(self) -> None:
-        query = NetworkServiceEndpointQuery(
+    async def _list(self) -> None:
+        """The endpoints there are now, then `LbListed`. One try: a registry that does not
+        answer leaves the mesh to settle by its timeout instead."""
+        try:
+            with trio.fail_after(LIST_TIMEOUT):
+                channel = await self._nsm.get()
+                stub = registry_grpc.NetworkServiceEndpointRegistryStub(channel)
+                metadata = call_metadata(self._signer, channel)
+                async with server_stream(
+                    stub.Find, self._query(watch=False), metadata=metadata
+                ) as responses:
+                    async for response in responses:
+                        await self._apply(response)
+        except (RpcFailedError, trio.TooSlowError) as exc:
+            logger.debug("no first listing of the load-balancers", reason=_reason(exc))
+            return
+        await self._events.send(LbListed(frozenset(self.known)))
+
+    def _query(self, *, watch: bool) -> NetworkServiceEndpointQuery:
+        return NetworkServiceEndpointQuery(
             network_service_endpoint=NetworkServiceEndpoint(network_service_names=[self._service]),
-            watch=True,
+            watch=watch,
         )
+
+    async def _watch(self) -> None:
+        query = self._query(watch=True)
         channel = await self._nsm.get()
         stub = registry_grpc.NetworkServiceEndpointRegistryStub(channel)
         metadata = call_metadata(self._signer, channel)
@@ -140,3 +175,7 @@ class Discovery:
         while True:
             await trio.sleep(max(1.0, min(5.0, self._grace)))
             await self._sweep()
+
+
+def _reason(exc: Exception) -> str:
+    return describe_status(exc) if isinstance(exc, RpcFailedError) else "timed out"

@@ -24,6 +24,11 @@ IPAM the addresses), nothing is duplicated. Upstream forces a reselect there, wh
 LB's interface down and up again; with the bridge's stable MAC the reason for it (stale
 neighbour entries) is gone, and a refresh loses no traffic.
 Closes of several LBs run in parallel (upstream closed them one after another, §11.6).
+
+`Mesh.settled` is set once every load-balancer registered at start (`LbListed`) is connected
+(or gone): the load-balancer nexthops a previous instance left that nobody claimed by then are
+stale. The proxy waits for it at most NSM_REQUEST_TIMEOUT, so an LB that vanished while the proxy
+was down stops taking egress traffic as soon as the others are back, not a timeout later.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from proxy.api.networkservice.connection_pb2 import (
 from proxy.api.networkservice.networkservice_pb2 import NetworkServiceRequest
 from proxy.kernel.model import IPAddress
 from proxy.kernel.router import RemoveLoadBalancer, RouterEvent, SetLoadBalancer
-from proxy.nsm.discovery import LbEvent, LbGone, LbSeen
+from proxy.nsm.discovery import LbEvent, LbGone, LbListed, LbSeen
 from proxy.nsm.endpoint import Addresses
 from proxy.nsm.hoptoken import Signer, call_metadata, sign_request
 from proxy.nsm.ipcontext import nsc_context
@@ -159,12 +164,15 @@ class LbConnection:
         self._backoff = Backoff(maximum=settings.max_backoff)
         self.connection: Connection | None = None  # the last answer
         self.requests = 0
+        # Connected once, or stopped: this LB no longer holds up `Mesh.settled`.
+        self.settled = trio.Event()
 
     async def run(self) -> None:
         default = self.settings.default_lifetime
         try:
             while True:
                 self.connection = await self._establish()
+                self.settled.set()
                 while True:
                     connection = self.connection
                     expires_at = trio.current_time() + time_left(connection, self._wall(), default)
@@ -177,6 +185,7 @@ class LbConnection:
                         break
                     self.connection = refreshed
         finally:
+            self.settled.set()
             with self._shutdown.cleanup(self.settings.request_timeout):
                 await self._close()
 
@@ -324,6 +333,7 @@ class Mesh:
         self._router = router
         self._shutdown = shutdown
         self.connections: dict[str, tuple[LbConnection, trio.CancelScope]] = {}
+        self.settled = trio.Event()  # every LB listed at start connected (or gone)
 
     async def run(
         self,
@@ -347,6 +357,14 @@ class Mesh:
                     self.connections[event.name] = (lb, scope)
                 elif isinstance(event, LbGone) and event.name in self.connections:
                     self.connections.pop(event.name)[1].cancel()
+                elif isinstance(event, LbListed):
+                    listed = [self.connections[n][0] for n in event.names if n in self.connections]
+                    nursery.start_soon(self._settle, listed)
+
+    async def _settle(self, listed: list[LbConnection]) -> None:
+        for lb in listed:
+            await lb.settled.wait()
+        self.settled.set()
 
     async def _run_one(
         self, lb: LbConnection, *, task_status: trio.TaskStatus[trio.CancelScope]

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,27 @@ async def test_proxy_sigkill_and_restart(topology: Topology) -> None:
     assert after.target_addresses == before.target_addresses
     assert after.records == before.records
     assert figures.leaked == {}
+
+
+async def test_a_load_balancer_gone_while_the_proxy_was_down_leaves_at_restart(
+    state_dir: Path,
+) -> None:
+    """lb1 unregisters while the proxy is down (SIGKILLed): its interface and the nexthop the
+    previous instance installed are still there. The new proxy drops that nexthop as soon as
+    lb0, the only LB registered, is connected again, not one request timeout later (30 s here,
+    upstream's 15 s default)."""
+    lab = spec(state_dir, proxy_env={"NSM_REQUEST_TIMEOUT": "30s"})
+    async with Topology.running(lab) as topology:
+        lb1 = topology.lbs[1].name
+        ready = await topology.restart_proxy(signal.SIGKILL, while_down=lambda: topology.stop_lb(1))
+        members = await topology.group_members()
+        assert all(lb1 not in names for names in members.values()), members
+        [settled] = [line for line in topology.log("proxy").splitlines()[-400:]
+                     if "connections settled" in line][-1:]  # fmt: skip
+        print(f"lb1 gone while the proxy was down: out of its groups, ready again {ready:.2f}s"
+              f" after the SIGKILL; the proxy: {settled.split(' - ')[-1]}")  # fmt: skip
+        assert "by=listing" in settled, settled
+    assert leftovers(topology.state) == []
 
 
 @pytest.mark.parametrize(("peer", "service"), [("ipam", "IPAMCli"), ("nsp", "NSPCli")])

@@ -31,8 +31,8 @@ from proxy.api.registry.registry_pb2 import (
 from proxy.kernel.router import RouterEvent, SetLoadBalancer
 from proxy.lab.nsm.forwarding import NoKernel
 from proxy.lab.nsm.server import serve_nsm
-from proxy.nsm.discovery import Discovery, LbEvent, LbGone, LbSeen
-from proxy.nsm.mesh import LbConnection, MeshSettings
+from proxy.nsm.discovery import Discovery, LbEvent, LbGone, LbListed, LbSeen
+from proxy.nsm.mesh import LbConnection, Mesh, MeshSettings
 from proxy.nsm.path import server_hop
 from proxy.nsm.registration import Registration
 from proxy.rpc.fdpass import path_of_url
@@ -160,6 +160,7 @@ async def test_discovery_reports_load_balancers_appearing_and_going(
         async with trio.open_nursery() as nursery:
             await nursery.start(discovery.run)
             assert await receive.receive() == LbSeen("lb-a")
+            assert await receive.receive() == LbListed(frozenset({"lb-a"}))  # all there was
             await stub.Register(lb("lb-b", 60))
             assert await receive.receive() == LbSeen("lb-b")
             await stub.Register(lb("lb-a", 60))  # a refresh is not news
@@ -339,3 +340,61 @@ async def test_the_mesh_passes_its_namespace_and_nsm_wires_it_by_that(sockdir: s
         assert channel.fds.sent == 3  # the Close passed it too
         assert len(lb.closes) == 1 and forwarder.wired == {}
         nursery.cancel_scope.cancel()
+
+
+async def test_the_mesh_settles_once_the_load_balancers_listed_at_start_are_connected(
+    sockdir: str,
+) -> None:
+    """The proxy stops adopting a previous instance's LB nexthops once every LB registered at
+    start is connected again: here well before its fallback (one request timeout, 60 s)."""
+    router_send, router_receive = trio.open_memory_channel[RouterEvent](100)
+    settings = MeshSettings(
+        name="proxy-a", service=LB_SERVICE, mtu=1500, request_timeout=60.0, max_backoff=0.5,
+        default_lifetime=60.0,
+    )  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        nsm_path = await nursery.start(
+            partial(serve_nsm, f"{sockdir}/nsm.sock", forwarder=NoKernel())
+        )
+        nsm = rpc.ReconnectingChannel(
+            f"unix://{nsm_path}", name="nsm", backoff=rpc.Backoff(maximum=0.5)
+        )
+        await nursery.start(nsm.run)
+        channel = await nsm.get()
+        await registry_grpc.NetworkServiceRegistryStub(channel).Register(
+            NetworkService(name=LB_SERVICE, payload="ETHERNET")
+        )
+        lbs = {name: Lb() for name in ("lb-a", "lb-b")}
+        for name, servicer in lbs.items():
+            await nursery.start(rpc.Server([servicer]).serve_unix, f"{sockdir}/{name}.sock")
+            nse = NetworkServiceEndpoint(
+                name=name, network_service_names=[LB_SERVICE], url=f"unix://{sockdir}/{name}.sock"
+            )
+            nse.expiration_time.seconds = int(time.time()) + 600
+            await registry_grpc.NetworkServiceEndpointRegistryStub(channel).Register(nse)
+        nursery.start_soon(_drain, router_receive)
+        shutdown = Shutdown(5.0)
+        events, inbox = trio.open_memory_channel[LbEvent](10)
+        mesh = Mesh(
+            settings, nsm=nsm, addresses=FakeAddresses(), router=router_send, shutdown=shutdown
+        )
+        discovery = Discovery(
+            nsm, LB_SERVICE, events, token_lifetime=600.0, backoff=rpc.Backoff(maximum=0.5)
+        )
+        started = trio.current_time()
+        with trio.fail_after(20):  # (far less than the fallback: it is the listing that counts)
+            async with trio.open_nursery() as proxy:
+                await proxy.start(mesh.run, inbox)
+                await proxy.start(discovery.run)
+                await mesh.settled.wait()
+                assert all(lb.requests >= 1 for lb, _ in mesh.connections.values())
+                assert set(mesh.connections) == {"lb-a", "lb-b"}
+                print(f"\nsettled {trio.current_time() - started:.2f}s after start (2 LBs)")
+                shutdown.begin()
+                proxy.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
+
+
+async def _drain(receive: trio.MemoryReceiveChannel[RouterEvent]) -> None:
+    async for _ in receive:
+        pass
