@@ -449,7 +449,7 @@ class Topology:
         for lb in self.state.lbs.values():
             lb.advertised = True  # only now: an LB without its VIP routes would loop replies
         await self._sync_outside()
-        step("waiting for the proxy to settle (NSM_REQUEST_TIMEOUT after its start)")
+        step("waiting for the proxy to settle (its LBs connected)")
         await self.wait_settled()
         await self._note_proxy_socket_dir()
         self.state.phase = "up"
@@ -795,9 +795,10 @@ class Topology:
         return self.directory / f"{role}.log"
 
     async def wait_settled(self, within: float | None = None) -> float:
-        """Until the proxy started last has logged "connections settled": NSM_REQUEST_TIMEOUT
-        after its control plane starts, it stops adopting what a previous instance may have
-        left; until then an LB that goes keeps its nexthop. The seconds waited."""
+        """Until the proxy started last has logged "connections settled": once the LBs
+        registered at its start are connected (at most NSM_REQUEST_TIMEOUT after its control
+        plane starts), it stops adopting what a previous instance may have left; until then an
+        LB that goes keeps its nexthop. The seconds waited."""
         from proxy.config import parse_duration
 
         budget = float(parse_duration(self.proxy_environment()["NSM_REQUEST_TIMEOUT"])) + 15.0
