@@ -147,7 +147,11 @@ class Signer:
         `tokens_expired` does (sdk issue 1512): a connection is closed for a client that is
         gone exactly when the client's token has expired (the manager's timeout), and refusing
         that Close would leave its interface and addresses until our own expiry. The caller is
-        still authenticated (its token valid, chained and signed by the TLS peer)."""
+        still authenticated (its token valid, chained and signed by the TLS peer).
+
+        Stricter than the sdk on purpose: a call without exactly one token and one expiry in
+        its metadata is refused here, where the sdk's updatetoken server warns and lets the
+        path's own token stand (every sdk client sends them, once)."""
         path = connection.path
         if path.index < 1:
             raise PermissionDeniedError("no previous path segment: nobody to authorize")
@@ -157,7 +161,9 @@ class Signer:
             raise PermissionDeniedError(f"caller token: {exc}") from None
         previous = path.path_segments[path.index - 1]
         previous.token = caller.value
-        previous.expires.CopyFrom(_stamp(caller.expires))
+        # To the nanosecond, as sent (a datetime would stop at microseconds).
+        previous.expires.CopyFrom(Timestamp(seconds=caller.expires_ns // 1_000_000_000,
+                                            nanos=caller.expires_ns % 1_000_000_000))  # fmt: skip
         _set(path.path_segments[path.index], self.token_for(peer))
         denial: Denial | None = authorize_request(
             path,

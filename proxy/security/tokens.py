@@ -82,7 +82,10 @@ _NS_PER_SECOND: Final = 1_000_000_000
 _UINT32_MAX: Final = 2**32 - 1
 _BASE64URL: Final = re.compile(r"[A-Za-z0-9_-]*")
 # Go's strict RFC 3339 parser (time.parseRFC3339): upper-case T and Z, any number of fraction
-# digits (beyond nine they are dropped), a numeric offset with hours below 24.
+# digits (beyond nine they are dropped), a numeric offset with hours below 24. Go's
+# time.Parse(RFC3339Nano) falls back on its general layout parser when that one fails, which
+# also takes a comma before the fraction, offsets up to 24:60 and a one-digit hour; Go's own
+# Format never writes those, and they are refused here (interop/go/check.py lists them).
 _RFC3339: Final = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:(Z)|([+-])(\d{2}):(\d{2}))",
     re.ASCII,

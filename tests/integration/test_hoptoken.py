@@ -10,6 +10,7 @@ import datetime
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Literal
 
 import pytest
 import trio
@@ -237,7 +238,7 @@ async def test_the_registry_path_goes_out_and_comes_back_over_mutual_tls(
     socket_path = f"{sockdir}/nsm.sock"
     nse = NetworkServiceEndpoint(name="proxy-a", url="tcp://198.18.0.1:5001")
     nse.expiration_time.seconds = int(datetime.datetime.now(datetime.UTC).timestamp()) + 60
-    key = ("endpoint", "proxy-a")
+    key: tuple[Literal["endpoint"], str] = ("endpoint", "proxy-a")
     async with trio.open_nursery() as nursery:
         serve = partial(serve_nsm, socket_path, forwarder=NoKernel(), tls=SpiffeTls(Watched(nsmgr)))
         await nursery.start(serve)
