@@ -11,7 +11,9 @@ all: test
 # Debian packages the tests and the lab use (installed only when missing, and only as root).
 # podman, runc and debootstrap: `make image` and tests/e2e/test_container.py.
 IMAGE_DEB_PACKAGES := podman runc debootstrap
-DEB_PACKAGES := iproute2 iputils-ping $(IMAGE_DEB_PACKAGES)
+# Go, golang-jwt and grpc-go from Debian: interop/go/ checks NSM's tokens and mTLS against them.
+GO_DEB_PACKAGES := golang-go golang-github-golang-jwt-jwt-dev golang-google-grpc-dev
+DEB_PACKAGES := iproute2 iputils-ping $(IMAGE_DEB_PACKAGES) $(GO_DEB_PACKAGES)
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (the project needs Python 3.11)"; exit 1; }
@@ -27,8 +29,8 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tests tools benchmarks
-	$(BIN)/ruff format --check proxy tests tools benchmarks
+	$(BIN)/ruff check proxy tests tools benchmarks interop
+	$(BIN)/ruff format --check proxy tests tools benchmarks interop
 
 types: $(STAMP)
 	$(BIN)/mypy

@@ -1,0 +1,449 @@
+package main
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io/ioutil"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/golang-jwt/jwt/v4"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+)
+
+// Metadata keys of NSM's per-RPC token credentials (sdk pkg/tools/token).
+const (
+	tokenKey   = "nsm-client-token"
+	expiresKey = "nsm-client-token-expires"
+)
+
+// rawCodec passes message bytes through untouched, so this program needs no generated protobuf
+// code: the driver serializes with the project's own message classes. It satisfies both
+// encoding.Codec (for grpc.ForceCodec on calls) and the older grpc.Codec (for the server's
+// grpc.CustomCodec, the only whole-server override grpc-go 1.33 has). With ForceCodec the
+// content-type stays "application/grpc", as a proto-codec Go peer sends it.
+type rawCodec struct{}
+
+func (rawCodec) Marshal(v interface{}) ([]byte, error) {
+	switch message := v.(type) {
+	case *[]byte:
+		return *message, nil
+	case []byte:
+		return message, nil
+	}
+	return nil, fmt.Errorf("rawCodec cannot marshal a %T", v)
+}
+
+func (rawCodec) Unmarshal(data []byte, v interface{}) error {
+	message, ok := v.(*[]byte)
+	if !ok {
+		return fmt.Errorf("rawCodec cannot unmarshal into a %T", v)
+	}
+	// grpc-go may reuse its receive buffer after Unmarshal returns.
+	*message = append([]byte(nil), data...)
+	return nil
+}
+
+func (rawCodec) Name() string   { return "proto" }
+func (rawCodec) String() string { return "proto" }
+
+// tlsFiles are the PEM files of one side's X.509-SVID and the trust bundle.
+type tlsFiles struct {
+	cert, key, bundle string
+}
+
+func (files *tlsFiles) register(flags *flag.FlagSet) {
+	flags.StringVar(&files.cert, "cert", "", "PEM file: own SVID chain, leaf first")
+	flags.StringVar(&files.key, "key", "", "PEM file: own PKCS#8 private key")
+	flags.StringVar(&files.bundle, "bundle", "", "PEM file: the trust bundle (CA certificates)")
+}
+
+// load returns the own certificate and the bundle pool.
+func (files *tlsFiles) load() (tls.Certificate, *x509.CertPool, error) {
+	certificate, err := tls.LoadX509KeyPair(files.cert, files.key)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	certificate.Leaf, err = x509.ParseCertificate(certificate.Certificate[0])
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	roots, err := readBundle(files.bundle)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	return certificate, roots, nil
+}
+
+// clientTLS is go-spiffe's tlsconfig.MTLSClientConfig with AuthorizeAny, plus the TLS 1.2
+// floor NSM's commands set: the standard verification is switched off (it would check a host
+// name, and a SPIFFE peer has none) and replaced by a chain check in VerifyPeerCertificate.
+func clientTLS(own tls.Certificate, roots *x509.CertPool) *tls.Config {
+	return &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			return &own, nil
+		},
+		InsecureSkipVerify: true,
+		VerifyPeerCertificate: func(rawCerts [][]byte, _ [][]*x509.Certificate) error {
+			_, err := verifySVIDChain(rawCerts, roots)
+			return err
+		},
+	}
+}
+
+// serverTLS is go-spiffe's tlsconfig.MTLSServerConfig with AuthorizeAny: any client
+// certificate is requested and required, then checked against the bundle by hand.
+func serverTLS(own tls.Certificate, roots *x509.CertPool) *tls.Config {
+	return &tls.Config{
+		MinVersion:   tls.VersionTLS12,
+		Certificates: []tls.Certificate{own},
+		ClientAuth:   tls.RequireAnyClientCert,
+		VerifyPeerCertificate: func(rawCerts [][]byte, _ [][]*x509.Certificate) error {
+			_, err := verifySVIDChain(rawCerts, roots)
+			return err
+		},
+	}
+}
+
+func tlsVersionName(version uint16) string {
+	switch version {
+	case tls.VersionTLS12:
+		return "TLS1.2"
+	case tls.VersionTLS13:
+		return "TLS1.3"
+	}
+	return fmt.Sprintf("0x%04x", version)
+}
+
+// nsmCredentials is the sdk's token.NewPerRPCCredentials(spiffejwt.TokenGeneratorFunc(...)):
+// for every call it signs a token for the TLS peer it finds in the context (aud = the peer
+// leaf's SPIFFE ID, the expiry capped by both leaves' NotAfter) and sends it with its expiry.
+type nsmCredentials struct {
+	key         *ecdsa.PrivateKey
+	ownID       string
+	ownNotAfter time.Time
+	lifetime    time.Duration
+	location    *time.Location
+
+	mu      sync.Mutex
+	token   string
+	expires string
+}
+
+func (c *nsmCredentials) GetRequestMetadata(ctx context.Context, _ ...string) (map[string]string, error) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return nil, errors.New("no peer in the context")
+	}
+	expires := time.Now().Add(c.lifetime)
+	if c.ownNotAfter.Before(expires) {
+		expires = c.ownNotAfter
+	}
+	claims := jwt.RegisteredClaims{Subject: c.ownID, ExpiresAt: jwt.NewNumericDate(expires)}
+	if info, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(info.State.PeerCertificates) > 0 {
+		leaf := info.State.PeerCertificates[0]
+		peerID, err := spiffeID(leaf)
+		if err != nil {
+			return nil, err
+		}
+		if leaf.NotAfter.Before(expires) {
+			expires = leaf.NotAfter
+		}
+		claims.Audience = []string{peerID}
+	}
+	token, err := jwt.NewWithClaims(jwt.SigningMethodES256, claims).SignedString(c.key)
+	if err != nil {
+		return nil, err
+	}
+	// The sdk formats in the process's local zone; -zone stands in for that.
+	expiresText := expires.In(c.location).Format(time.RFC3339Nano)
+	c.mu.Lock()
+	c.token, c.expires = token, expiresText
+	c.mu.Unlock()
+	return map[string]string{tokenKey: token, expiresKey: expiresText}, nil
+}
+
+func (c *nsmCredentials) RequireTransportSecurity() bool { return true }
+
+// callResult is what call prints: the status, who answered, and how long the call took
+// (connecting and the TLS handshake included: the call makes the connection).
+type callResult struct {
+	Code        string   `json:"code"`
+	Message     string   `json:"message,omitempty"`
+	PeerID      string   `json:"peer_id,omitempty"`
+	ALPN        string   `json:"alpn,omitempty"`
+	TLSVersion  string   `json:"tls_version,omitempty"`
+	CallMillis  float64  `json:"call_ms"`
+	ResponseLen int      `json:"response_len"`
+	HeaderKeys  []string `json:"header_keys,omitempty"`
+	SentToken   string   `json:"sent_token,omitempty"`
+	SentExpires string   `json:"sent_expires,omitempty"`
+}
+
+// callCommand makes one unary call over a UNIX socket with mutual TLS, as an NSM client
+// does towards nsmgr or an endpoint. The metadata comes from a JSON file of [key, value] pairs
+// (kept off the command line, and a key may repeat, to test the one-value rule), or, with
+// -sign-key, from per-RPC credentials that sign for the TLS peer as the sdk does.
+func callCommand(args []string) error {
+	flags := flag.NewFlagSet("call", flag.ExitOnError)
+	var files tlsFiles
+	files.register(flags)
+	socket := flags.String("socket", "", "UNIX socket path of the server")
+	method := flags.String("method", "", "full method name, e.g. /networkservice.NetworkService/Request")
+	inPath := flags.String("in", "", "file with the serialized request message")
+	outPath := flags.String("out", "", "file to write the serialized response to")
+	metadataPath := flags.String("metadata", "", "JSON file: [[key, value], ...] to send")
+	sign := flags.Bool("sign", false, "sign the token per call with -key for the TLS peer (the sdk's per-RPC credentials)")
+	lifetime := flags.Duration("lifetime", 10*time.Minute, "with -sign: the token lifetime")
+	zone := flags.String("zone", "Z", "with -sign: zone of the expiry text, Z or ±hh:mm")
+	timeout := flags.Duration("timeout", 10*time.Second, "deadline for dialing plus the call")
+	if err := flags.Parse(args); err != nil {
+		return err
+	}
+	own, roots, err := files.load()
+	if err != nil {
+		return err
+	}
+	request, err := ioutil.ReadFile(*inPath)
+	if err != nil {
+		return err
+	}
+	var pairs [][2]string
+	if *metadataPath != "" {
+		data, err := ioutil.ReadFile(*metadataPath)
+		if err != nil {
+			return err
+		}
+		if err := json.Unmarshal(data, &pairs); err != nil {
+			return fmt.Errorf("%s: %w", *metadataPath, err)
+		}
+	}
+
+	options := []grpc.DialOption{
+		grpc.WithTransportCredentials(credentials.NewTLS(clientTLS(own, roots))),
+		// grpc-go 1.33 has no unix: resolver; dial the socket directly. Newer grpc-go (as NSM
+		// uses) names UNIX targets "localhost", so the authority and SNI are that here too.
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
+			var dialer net.Dialer
+			return dialer.DialContext(ctx, "unix", *socket)
+		}),
+		grpc.WithAuthority("localhost"),
+		// No WithBlock: grpc-go 1.33 takes a refused handshake for a temporary error and would
+		// retry until the deadline; without it the call fails at once with the handshake's
+		// error as its message, which is what the driver wants to see.
+	}
+	var creds *nsmCredentials
+	if *sign {
+		key, ok := own.PrivateKey.(*ecdsa.PrivateKey)
+		if !ok {
+			return errors.New("-sign needs an EC key")
+		}
+		ownID, err := spiffeID(own.Leaf)
+		if err != nil {
+			return err
+		}
+		location, err := parseZone(*zone)
+		if err != nil {
+			return err
+		}
+		creds = &nsmCredentials{key: key, ownID: ownID, ownNotAfter: own.Leaf.NotAfter, lifetime: *lifetime, location: location}
+		options = append(options, grpc.WithPerRPCCredentials(creds))
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	var result callResult
+	conn, err := grpc.DialContext(ctx, "passthrough:///localhost", options...)
+	if err != nil {
+		return err // only bad options get here: the connection is made by the call
+	}
+	defer conn.Close()
+
+	for _, pair := range pairs {
+		ctx = metadata.AppendToOutgoingContext(ctx, pair[0], pair[1])
+	}
+	var response []byte
+	var answeredBy peer.Peer
+	var header metadata.MD
+	started := time.Now()
+	err = conn.Invoke(ctx, *method, &request, &response,
+		grpc.ForceCodec(rawCodec{}), grpc.Peer(&answeredBy), grpc.Header(&header))
+	result.CallMillis = millis(time.Since(started))
+	result.Code = status.Code(err).String()
+	if err != nil {
+		result.Message = status.Convert(err).Message()
+	}
+	if info, ok := answeredBy.AuthInfo.(credentials.TLSInfo); ok {
+		result.ALPN = info.State.NegotiatedProtocol
+		result.TLSVersion = tlsVersionName(info.State.Version)
+		if len(info.State.PeerCertificates) > 0 {
+			result.PeerID, _ = spiffeID(info.State.PeerCertificates[0])
+		}
+	}
+	for key := range header {
+		result.HeaderKeys = append(result.HeaderKeys, key)
+	}
+	if creds != nil {
+		creds.mu.Lock()
+		result.SentToken, result.SentExpires = creds.token, creds.expires
+		creds.mu.Unlock()
+	}
+	if err == nil {
+		result.ResponseLen = len(response)
+		if *outPath != "" {
+			if err := ioutil.WriteFile(*outPath, response, 0o600); err != nil {
+				return err
+			}
+		}
+	}
+	printJSON(result)
+	return nil
+}
+
+func millis(d time.Duration) float64 {
+	return float64(d.Microseconds()) / 1000
+}
+
+// serveEvent is one line serve prints per call: what an NSM server would see and decide.
+type serveEvent struct {
+	Event      string       `json:"event"`
+	Method     string       `json:"method,omitempty"`
+	PeerID     string       `json:"peer_id,omitempty"`
+	ALPN       string       `json:"alpn,omitempty"`
+	TLSVersion string       `json:"tls_version,omitempty"`
+	RequestLen int          `json:"request_len"`
+	Token      verifyResult `json:"token"`
+	Denied     string       `json:"denied,omitempty"`
+	Socket     string       `json:"socket,omitempty"`
+}
+
+// serveCommand runs a gRPC server on a UNIX socket with mutual TLS that accepts any method,
+// checks each caller's token as NSM's server chain would (token.FromContext: one value per
+// key, the expiry parsed with time.RFC3339Nano; the token signed by the TLS peer's key, not
+// expired, and chained: our own SPIFFE ID in its aud), answers with the bytes of -reply or
+// PERMISSION_DENIED, and prints one JSON line per call. It stops when stdin closes, so the
+// driver needs no signal to end it.
+func serveCommand(args []string) error {
+	flags := flag.NewFlagSet("serve", flag.ExitOnError)
+	var files tlsFiles
+	files.register(flags)
+	socket := flags.String("socket", "", "UNIX socket path to listen on")
+	replyPath := flags.String("reply", "", "file with the serialized response message")
+	if err := flags.Parse(args); err != nil {
+		return err
+	}
+	own, roots, err := files.load()
+	if err != nil {
+		return err
+	}
+	ownID, err := spiffeID(own.Leaf)
+	if err != nil {
+		return err
+	}
+	reply, err := ioutil.ReadFile(*replyPath)
+	if err != nil {
+		return err
+	}
+
+	var printing sync.Mutex // one whole line at a time on stdout
+	emit := func(event serveEvent) {
+		printing.Lock()
+		defer printing.Unlock()
+		printJSON(event)
+	}
+	handler := func(_ interface{}, stream grpc.ServerStream) error {
+		var event serveEvent
+		event.Event = "call"
+		event.Method, _ = grpc.MethodFromServerStream(stream)
+		var request []byte
+		if err := stream.RecvMsg(&request); err != nil {
+			return err
+		}
+		event.RequestLen = len(request)
+		denial := checkCaller(stream.Context(), ownID, &event)
+		if denial != "" {
+			event.Denied = denial
+			emit(event)
+			return status.Error(codes.PermissionDenied, denial)
+		}
+		emit(event)
+		return stream.SendMsg(&reply)
+	}
+
+	server := grpc.NewServer(
+		grpc.Creds(credentials.NewTLS(serverTLS(own, roots))),
+		grpc.CustomCodec(rawCodec{}),
+		grpc.UnknownServiceHandler(handler),
+	)
+	listener, err := net.Listen("unix", *socket)
+	if err != nil {
+		return err
+	}
+	served := make(chan error, 1)
+	go func() { served <- server.Serve(listener) }()
+	emit(serveEvent{Event: "ready", Socket: *socket})
+
+	_, _ = ioutil.ReadAll(os.Stdin)
+	server.Stop() // closes the listener, which removes the socket file
+	<-served
+	emit(serveEvent{Event: "stopped"})
+	return nil
+}
+
+// checkCaller is the part of NSM's server chain that reads the caller's token: "" when it
+// passes, else why not. It fills in what it saw for the driver to compare.
+func checkCaller(ctx context.Context, ownID string, event *serveEvent) string {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return "no peer"
+	}
+	info, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok || len(info.State.PeerCertificates) == 0 {
+		return "no TLS peer certificate"
+	}
+	event.ALPN = info.State.NegotiatedProtocol
+	event.TLSVersion = tlsVersionName(info.State.Version)
+	leaf := info.State.PeerCertificates[0]
+	event.PeerID, _ = spiffeID(leaf)
+
+	md, _ := metadata.FromIncomingContext(ctx)
+	tokens, expiries := md.Get(tokenKey), md.Get(expiresKey)
+	if len(tokens) != 1 {
+		return fmt.Sprintf("%s has %d values, expected 1", tokenKey, len(tokens))
+	}
+	if len(expiries) != 1 {
+		return fmt.Sprintf("%s has %d values, expected 1", expiresKey, len(expiries))
+	}
+	event.Token = checkToken(tokens[0], leaf.PublicKey)
+	expires, err := time.Parse(time.RFC3339Nano, expiries[0])
+	if err != nil {
+		event.Token.ExpiresError = err.Error()
+		return fmt.Sprintf("%s: %v", expiresKey, err)
+	}
+	nanos := expires.UnixNano()
+	event.Token.ExpiresUnixNano = &nanos
+	event.Token.Expires = expiries[0]
+	if !event.Token.OK {
+		return "token: " + event.Token.Error
+	}
+	for _, audience := range event.Token.Aud {
+		if audience == ownID {
+			return ""
+		}
+	}
+	return fmt.Sprintf("token aud %v does not hold our ID %s", event.Token.Aud, ownID)
+}
