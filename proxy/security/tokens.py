@@ -406,19 +406,25 @@ def registry_path_json(path: RegistryPath) -> str:
 def parse_registry_path(text: str | bytes) -> RegistryPath:
     """A `path` metadata value (as a registry server sends back in its `path` header).
 
-    Field names match case-insensitively and unknown fields are ignored, as with Go's
-    encoding/json; `PathSegments` may be null. Raises TokenError with the reason.
+    Read as Go's encoding/json reads it into the sdk's grpcmetadata.Path: field names match
+    case-insensitively (Unicode folding), the last of repeated members wins, null leaves a field
+    as it was (`null` itself is the empty path), unknown fields are ignored. Refused, with the
+    reason (TokenError): what is not JSON or not UTF-8 (Go would put U+FFFD in its place: a
+    lone surrogate escaped in a token, say, which could not be sent on again), wrong types and
+    a null segment (Go would hold a nil segment that its updatepath cannot use).
     """
     try:
         raw = text.decode("utf-8") if isinstance(text, bytes) else text
-        value = json.loads(raw, parse_constant=_refuse_constant)
+        value = json.loads(raw, parse_constant=_refuse_constant, object_pairs_hook=_Members)
     except (UnicodeDecodeError, ValueError) as e:
         raise TokenError(f"the path metadata is not JSON: {e}") from None
-    if not isinstance(value, dict):
+    if value is None:
+        return RegistryPath()
+    if not isinstance(value, _Members):
         raise TokenError(f"the path metadata is {_a_json_type(value)}, not a JSON object")
     index = _field(value, "Index", 0)
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= _UINT32_MAX:
-        raise TokenError(f"the path metadata's Index is {index!r}, not a uint32")
+        raise TokenError(f"the path metadata's Index is {_shown(index)}, not a uint32")
     segments = _field(value, "PathSegments", None)
     if segments is None:
         return RegistryPath(index=index)
@@ -426,11 +432,15 @@ def parse_registry_path(text: str | bytes) -> RegistryPath:
         raise TokenError(f"the path metadata's PathSegments is {_a_json_type(segments)}")
     tokens = []
     for position, segment in enumerate(segments):
-        if not isinstance(segment, dict):
+        if not isinstance(segment, _Members):
             raise TokenError(f"path segment {position} is {_a_json_type(segment)}, not an object")
         token = _field(segment, "token", "")
         if not isinstance(token, str):
             raise TokenError(f"the token of path segment {position} is {_a_json_type(token)}")
+        try:
+            token.encode("utf-8")  # (to be sent on again)
+        except UnicodeEncodeError:
+            raise TokenError(f"the token of path segment {position} is not Unicode text") from None
         tokens.append(token)
     return RegistryPath(index=index, tokens=tuple(tokens))
 
@@ -461,13 +471,26 @@ def registry_path_at_server(path: RegistryPath, caller_token: str, own_token: st
     return RegistryPath(index=path.index + 1, tokens=tuple(tokens))
 
 
-def _field(obj: dict[str, Any], name: str, default: Any) -> Any:
-    """Go's encoding/json field lookup: the exact name first, else a case-insensitive match."""
-    if name in obj:
-        return obj[name]
-    # Go takes the last case-insensitive match when several keys fold to the field's name.
-    matches = [key for key in obj if key.lower() == name.lower()]
-    return obj[matches[-1]] if matches else default
+@attrs.frozen
+class _Members:
+    """A JSON object's members in document order, as Go's decoder meets them."""
+
+    pairs: list[tuple[str, Any]]
+
+
+def _field(obj: _Members, name: str, default: Any) -> Any:
+    """Go's encoding/json: every member whose name matches the field's (exactly or folded)
+    sets it, in order, so the last wins; a null one leaves it as it was."""
+    folded = name.casefold()
+    value = default
+    for key, member in obj.pairs:
+        if key.casefold() == folded and member is not None:
+            value = member
+    return value
+
+
+def _shown(value: object) -> str:
+    return _a_json_type(value) if isinstance(value, _Members | list) else repr(value)
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -586,6 +586,14 @@ def test_registry_updatepath_server_refuses_an_index_past_the_segments() -> None
         ('{"index":2,"pathsegments":[{"TOKEN":"t"}],"x":1}', RegistryPath(2, ("t",))),
         ('{"Index":0,"PathSegments":[{}]}', RegistryPath(0, ("",))),
         ('{"Index":3,"PathSegments":[]}', RegistryPath(3)),
+        # Go's decoder: repeated members, the last wins, exact or folded alike
+        ('{"Index":1,"index":2}', RegistryPath(2)),
+        ('{"index":2,"Index":1}', RegistryPath(1)),
+        ('{"PathSegments":[{"token":"a","Token":"b"}]}', RegistryPath(0, ("b",))),
+        ('{"Path\u017fegments":[{"token":"a"}]}', RegistryPath(0, ("a",))),  # long s folds to s
+        # null leaves a field as it was; null itself is the empty path
+        ('{"Index":1,"index":null,"PathSegments":[{"token":null}]}', RegistryPath(1, ("",))),
+        ("null", RegistryPath()),
     ],
 )
 def test_registry_path_parsing_is_as_lenient_as_go(text: str, path: RegistryPath) -> None:
@@ -596,7 +604,10 @@ def test_registry_path_parsing_is_as_lenient_as_go(text: str, path: RegistryPath
     ("text", "reason"),
     [
         ("", "not JSON"),
-        ("null", "is null, not a JSON object"),
+        ("[]", "is an array, not a JSON object"),
+        ('{"Index":{}}', "Index is an object"),
+        # An escaped lone surrogate: it could not be sent on again (Go reads U+FFFD).
+        ('{"PathSegments":[{"token":"\\ud800"}]}', "token of path segment 0 is not Unicode"),
         ('{"Index":-1}', "Index is -1, not a uint32"),
         ('{"Index":1.5}', "Index is 1.5"),
         ('{"Index":4294967296}', "not a uint32"),
