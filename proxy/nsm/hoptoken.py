@@ -182,7 +182,9 @@ class Admission:
     """A registry call the guard lets through."""
 
     caller: str  # the caller's SPIFFE ID: `sub` of the path's first token
-    path: RegistryPath  # to answer in the `path` header (at the caller's index)
+    # To answer in the `path` header once the call succeeds (at the caller's index); None when
+    # the caller sent no usable path (the sdk's grpcmetadata server then answers none).
+    path: RegistryPath | None
 
 
 class RegistryGuard:
@@ -218,8 +220,9 @@ class RegistryGuard:
         except TokenError as exc:
             raise PermissionDeniedError(f"caller token: {exc}") from None
         own = self._signer.token_for(peer)
+        sent = _sent_path(name, metadata)
         try:
-            path = registry_path_at_server(_sent_path(name, metadata), caller.value, own.value)
+            path = registry_path_at_server(sent or RegistryPath(), caller.value, own.value)
         except TokenError as exc:
             raise RpcFailedError(Status(StatusCode.UNKNOWN, f"path metadata: {exc}")) from None
         owners = {name: self.owners[name]} if owned and registered and name in self.owners else {}
@@ -234,7 +237,8 @@ class RegistryGuard:
             logger.warning("registration denied", name=name, policy=denial.policy.value,
                            reason=denial.reason)  # fmt: skip
             raise PermissionDeniedError(str(denial))
-        return Admission(registry_caller_id(path), attrs.evolve(path, index=path.index - 1))
+        answer = attrs.evolve(path, index=path.index - 1) if sent is not None else None
+        return Admission(registry_caller_id(path), answer)
 
     def registered(self, name: str, caller: str) -> None:
         self.owners.setdefault(name, (caller,))
@@ -243,17 +247,18 @@ class RegistryGuard:
         self.owners.pop(name, None)
 
 
-def _sent_path(name: str, metadata: Iterable[tuple[str, str | bytes]]) -> RegistryPath:
-    """The `path` the caller sent; a fresh one, with a warning, for none or garbage."""
-    sent = next((value for key, value in metadata if key.lower() == PATH_KEY), None)
-    if sent is None:
+def _sent_path(name: str, metadata: Iterable[tuple[str, str | bytes]]) -> RegistryPath | None:
+    """The `path` the caller sent (the last value, as the sdk reads it); None, with a warning,
+    for none or one that does not parse: the call goes on with a fresh path, as nsmgr's."""
+    values = [value for key, value in metadata if key.lower() == PATH_KEY]
+    if not values:
         logger.warning("registration without path metadata", name=name)
-        return RegistryPath()
+        return None
     try:
-        return parse_registry_path(sent)
+        return parse_registry_path(values[-1])
     except TokenError as exc:
         logger.warning("registration path metadata ignored", name=name, reason=str(exc))
-        return RegistryPath()
+        return None
 
 
 def _set(segment: PathSegment, token: Token) -> None:

@@ -22,7 +22,7 @@ from proxy.api.networkservice.networkservice_pb2 import NetworkServiceRequest
 from proxy.lab.spiffe_ca import LabCa
 from proxy.nsm.hoptoken import Signer, sign_request
 from proxy.nsm.path import server_hop
-from proxy.rpc import CallContext, RpcFailedError, Server, StatusCode, open_channel
+from proxy.rpc import CallContext, RpcFailedError, Server, StatusCode, open_channel, unary_call
 from proxy.security.spiffe import Identity
 from proxy.security.tls import SpiffeTls
 from proxy.security.tokens import Token, generate, token_metadata
@@ -271,9 +271,13 @@ async def test_the_registry_path_goes_out_and_comes_back_over_mutual_tls(
             await client.register_endpoint(channel, nse)
             assert len(client.paths[key].tokens) == 2
 
-            # Without path metadata (optional on the wire), nsmgr warns and goes on.
+            # Without path metadata (optional on the wire), nsmgr warns, goes on, and answers
+            # no path (its grpcmetadata server skips itself).
             stub = registry_grpc.NetworkServiceEndpointRegistryStub(channel)
-            await stub.Register(nse, metadata=signer(proxy).metadata_for(channel))
+            reply = await unary_call(
+                stub.Register, nse, metadata=signer(proxy).metadata_for(channel)
+            )
+            assert reply.header("path") is None
             assert [w["message"] for w in warnings] == ["registration without path metadata"]
 
             await client.unregister_endpoint(channel, nse)

@@ -61,7 +61,7 @@ from proxy.api.registry.registry_pb2 import (
     NetworkServiceResponse,
 )
 from proxy.lab.nsm.recvfd import Handoff, receive
-from proxy.nsm.hoptoken import RegistryGuard
+from proxy.nsm.hoptoken import Admission, RegistryGuard
 from proxy.nsm.wire import seconds, timestamp
 from proxy.rpc import CallContext, DeadlineExceededError, InvalidArgumentError
 from proxy.rpc.fdpass import FdUrlError, is_inode_url, parse_inode_url, proc_fd_url
@@ -490,16 +490,19 @@ def admit(
     *,
     registered: bool = False,
     owned: bool = True,
-) -> str | None:
-    """The guard's checks (none in plain text): the caller's SPIFFE ID; the path it is to
-    carry on goes in the answer's `path` header."""
+) -> Admission | None:
+    """The guard's checks (none in plain text); `answer` the result once the call succeeds."""
     if guard is None:
         return None
-    admission = guard.check(
+    return guard.check(
         name, request.custom_metadata, request.peer, registered=registered, owned=owned
     )
-    request.set_header(PATH_KEY, registry_path_json(admission.path))
-    return admission.caller
+
+
+def answer(admission: Admission | None, request: CallContext) -> None:
+    """The path the caller is to carry on, in the `path` header of a successful answer."""
+    if admission is not None and admission.path is not None:
+        request.set_header(PATH_KEY, registry_path_json(admission.path))
 
 
 class NetworkServiceRegistryServicer(registry_grpc.NetworkServiceRegistryServicer):  # type: ignore[misc]
@@ -512,8 +515,10 @@ class NetworkServiceRegistryServicer(registry_grpc.NetworkServiceRegistryService
     async def Register(self, message: NetworkService, request: CallContext) -> NetworkService:
         if not message.name:
             raise InvalidArgumentError("the network service has no name")
-        admit(self._guard, message.name, request, owned=False)
-        return await self._registry.register_service(message)
+        admission = admit(self._guard, message.name, request, owned=False)
+        stored = await self._registry.register_service(message)
+        answer(admission, request)
+        return stored
 
     async def Find(
         self, message: NetworkServiceQuery, request: CallContext
@@ -531,8 +536,9 @@ class NetworkServiceRegistryServicer(registry_grpc.NetworkServiceRegistryService
                 changes.close()
 
     async def Unregister(self, message: NetworkService, request: CallContext) -> Empty:
-        admit(self._guard, message.name, request, owned=False)
+        admission = admit(self._guard, message.name, request, owned=False)
         await self._registry.unregister_service(message)
+        answer(admission, request)
         return Empty()
 
 
@@ -543,7 +549,7 @@ class NetworkServiceEndpointRegistryServicer(
         self._registry = registry
         self._guard = guard  # NSM's tokens and client_allowed (None: plain text, no checks)
 
-    async def _authorized(self, name: str, request: CallContext) -> str | None:
+    async def _authorized(self, name: str, request: CallContext) -> Admission | None:
         if self._guard is None:
             return None
         registered = await self._registry.endpoint(name) is not None
@@ -554,19 +560,20 @@ class NetworkServiceEndpointRegistryServicer(
     ) -> NetworkServiceEndpoint:
         if not message.name:
             raise InvalidArgumentError("the network service endpoint has no name")
-        caller = await self._authorized(message.name, request)
+        admission = await self._authorized(message.name, request)
         socket = await _receive_socket(message, request)
         try:
             stored = await self._registry.register_endpoint(message, socket)
         finally:
             if socket is not None:
                 socket.drop()  # (nothing, once the registry has taken it)
-        if self._guard is not None and caller is not None:
-            self._guard.registered(message.name, caller)
-        answer = NetworkServiceEndpoint()
-        answer.CopyFrom(stored)
-        answer.url = message.url  # as recvfd answers: the URL the endpoint sent, to map back
-        return answer
+        if self._guard is not None and admission is not None:
+            self._guard.registered(message.name, admission.caller)
+        answer(admission, request)
+        reply = NetworkServiceEndpoint()
+        reply.CopyFrom(stored)
+        reply.url = message.url  # as recvfd answers: the URL the endpoint sent, to map back
+        return reply
 
     async def Find(
         self, message: NetworkServiceEndpointQuery, request: CallContext
@@ -586,8 +593,9 @@ class NetworkServiceEndpointRegistryServicer(
                 changes.close()
 
     async def Unregister(self, message: NetworkServiceEndpoint, request: CallContext) -> Empty:
-        await self._authorized(message.name, request)
+        admission = await self._authorized(message.name, request)
         await self._registry.unregister_endpoint(message)
         if self._guard is not None:
             self._guard.unregistered(message.name)
+        answer(admission, request)
         return Empty()
