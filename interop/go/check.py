@@ -12,7 +12,11 @@ signs, sends and accepts is what a Go peer signs, sends and accepts:
   Request and Close with Go-signed tokens pass, bad tokens are PERMISSION_DENIED with the policy
   that failed, foreign certificates are refused both ways;
 * the project's client (`proxy.rpc.open_channel`, `SpiffeTls`, `hoptoken.sign_request`) calls
-  a grpc-go server, which checks the token with golang-jwt as an NSM server would.
+  a grpc-go server, which checks the token with golang-jwt as an NSM server would;
+* the registry's `path` metadata (wire-api §2.5): our JSON against encoding/json over the sdk's
+  grpcmetadata.Path, both ways; the proxy's `RegistryClient` registers, refreshes and
+  unregisters with a grpc-go registry that updates the path as the sdk's updatepath server does;
+  a grpc-go client playing the sdk's registry client does the same with the lab registry.
 
 Run from the repository root (Debian packages: golang-go golang-github-golang-jwt-jwt-dev
 golang-google-grpc-dev):
@@ -21,8 +25,8 @@ golang-google-grpc-dev):
 
 Each check prints PASS or FAIL with its figures. DIFF lines are where the proxy does not do
 what Go (or the sdk, read from its source) does, in a way a Go NSM peer's own traffic never
-meets: texts Go's Format never writes, metadata the sdk's credentials always send once. They
-are listed again at the end and do not fail the run.
+meets: texts Go's Format (or json.Marshal) never writes, metadata the sdk's clients always send
+once. They are listed again at the end and do not fail the run.
 Exit status: 0 all passed, 1 a check failed, 2 the Go toolchain or packages are missing.
 """
 
@@ -38,13 +42,13 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from ipaddress import ip_interface
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import trio
@@ -54,22 +58,30 @@ from loguru import logger
 from proxy.api.networkservice import networkservice_grpc
 from proxy.api.networkservice.connection_pb2 import Connection, Mechanism, PathSegment
 from proxy.api.networkservice.networkservice_pb2 import NetworkServiceRequest
+from proxy.api.registry.registry_pb2 import NetworkServiceEndpoint
 from proxy.kernel.model import IPInterface
 from proxy.kernel.router import RouterEvent
+from proxy.lab.nsm.forwarding import NoKernel
+from proxy.lab.nsm.server import serve_nsm
 from proxy.lab.spiffe_ca import LabCa
 from proxy.nsm.endpoint import TargetEndpoint
 from proxy.nsm.hoptoken import Signer, sign_request
+from proxy.nsm.registry_client import RegistryClient
 from proxy.rpc import RpcFailedError, Server, StatusCode, open_channel
 from proxy.security.spiffe import Identity
 from proxy.security.tls import SpiffeTls
 from proxy.security.tokens import (
     EXPIRES_KEY,
+    PATH_KEY,
     TOKEN_KEY,
+    RegistryPath,
     Token,
     TokenError,
     format_rfc3339nano,
     generate,
+    parse_registry_path,
     parse_rfc3339nano,
+    registry_path_json,
     verify,
 )
 from proxy.watched import Watched
@@ -248,7 +260,8 @@ def party(directory: Path, identity: Identity, bundle_pem: bytes) -> Party:
 class Lab:
     proxy: Party  # the proxy: its endpoint's identity, and the client towards the Go server
     go_client: Party  # a Go NSM client (a target's NSC, or nsmgr forwarding one)
-    go_server: Party  # a Go NSM server (nsmgr, as the proxy's calls reach it)
+    go_server: Party  # a Go NSM server (nsmgr, as the proxy's calls reach it; a Go registry)
+    nsmgr: Party  # the lab's registry (proxy.lab.nsm), which Go registers with
     thief: Party  # another workload of the trust domain
     stranger: Party  # "/go-nsc" again, but issued by a CA nobody here trusts (trusting ours)
     stranger_trust: Party  # the Go client's own SVID, but trusting only that other CA
@@ -265,6 +278,7 @@ def make_lab(workdir: Path) -> Lab:
         proxy=party(ids / "proxy", ca.identity("/proxy"), pem),
         go_client=party(ids / "go-nsc", go_client, pem),
         go_server=party(ids / "go-nsmgr", ca.identity("/go-nsmgr"), pem),
+        nsmgr=party(ids / "nsmgr", ca.identity("/nsmgr"), pem),
         thief=party(ids / "thief", ca.identity("/thief"), pem),
         stranger=party(ids / "stranger", other.identity("/go-nsc"), pem),
         stranger_trust=party(ids / "stranger-trust", go_client, other_pem),
@@ -864,26 +878,14 @@ def proxy_request() -> NetworkServiceRequest:
     )
 
 
-async def server_checks(report: Report, go: Go, lab: Lab, workdir: Path) -> None:
-    socket = workdir / "sockets" / "go-nsmgr.sock"
-    reply = Connection(id="answer-from-go", network_service="lb.conduit-a.trench-a.red")
-    reply_file = workdir / "scratch" / "reply.bin"
-    reply_file.write_bytes(reply.SerializeToString())
-    errors = workdir / "scratch" / "serve.stderr"
+@asynccontextmanager
+async def go_server(go: Go, workdir: Path, report: Report, *args: str) -> AsyncIterator[Lines]:
+    """A Go server command (`serve`, `registry`) running for the block: its output lines, from
+    the first after "ready". It stops when its stdin closes; killed (by its pid) if it does not."""
+    errors = workdir / "scratch" / f"{args[0]}.stderr"
     with errors.open("wb") as stderr:
         process = await trio.lowlevel.open_process(
-            [
-                str(go.binary),
-                "serve",
-                *lab.go_server.tls_args,
-                "-socket",
-                str(socket),
-                "-reply",
-                str(reply_file),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
+            [str(go.binary), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr
         )
     assert process.stdin is not None and process.stdout is not None
     lines = Lines(process.stdout)
@@ -891,8 +893,7 @@ async def server_checks(report: Report, go: Go, lab: Lab, workdir: Path) -> None
         ready = await lines.next()
         if ready.get("event") != "ready":
             raise RuntimeError(f"the Go server did not start: {ready}")
-        with report.group("the proxy's client -> grpc-go server (UNIX socket, mutual TLS)"):
-            await client_calls(report, lab, socket, lines, reply)
+        yield lines
     finally:
         await process.stdin.aclose()  # the Go server stops when its stdin closes
         with trio.move_on_after(5):
@@ -901,7 +902,18 @@ async def server_checks(report: Report, go: Go, lab: Lab, workdir: Path) -> None
             process.kill()  # this process, by its own pid
             await process.wait()
         if process.returncode != 0:
-            report.note(f"Go server exit {process.returncode}: {errors.read_text().strip()}")
+            report.note(f"Go {args[0]} exit {process.returncode}: {errors.read_text().strip()}")
+
+
+async def server_checks(report: Report, go: Go, lab: Lab, workdir: Path) -> None:
+    socket = workdir / "sockets" / "go-nsmgr.sock"
+    reply = Connection(id="answer-from-go", network_service="lb.conduit-a.trench-a.red")
+    reply_file = workdir / "scratch" / "reply.bin"
+    reply_file.write_bytes(reply.SerializeToString())
+    serve = ("serve", *lab.go_server.tls_args, "-socket", str(socket), "-reply", str(reply_file))
+    async with go_server(go, workdir, report, *serve) as lines:
+        with report.group("the proxy's client -> grpc-go server (UNIX socket, mutual TLS)"):
+            await client_calls(report, lab, socket, lines, reply)
 
 
 async def client_calls(
@@ -991,6 +1003,452 @@ async def client_calls(
     )
 
 
+# --- registry path metadata ----------------------------------------------------------------------
+
+NSE_REGISTRY = "/registry.NetworkServiceEndpointRegistry/"
+EMPTY_PATH = '{"Index":0,"PathSegments":null}'  # json.Marshal(&grpcmetadata.Path{})
+NSE_URL = "tcp://198.18.0.1:5001"  # not unix://: that one would have to go as a descriptor
+UINT32_MAX = 2**32 - 1
+
+# Path texts json.Marshal writes (escapes included): we must read them as Go does.
+GO_WRITTEN_PATHS: list[tuple[str, bytes]] = [
+    ("the empty path", EMPTY_PATH.encode()),
+    ("two segments", b'{"Index":0,"PathSegments":[{"token":"a.b.c"},{"token":"d.e.f"}]}'),
+    ("uint32 max, an empty token", b'{"Index":4294967295,"PathSegments":[{"token":""}]}'),
+    (
+        "Go's escapes",
+        rb'{"Index":1,"PathSegments":[{"token":"\u003c\u0026\u003e\u2028\u0008\"\\"}]}',
+    ),
+]
+# Texts no Go peer writes: a different reading is a DIFF.
+ODD_PATHS: list[tuple[str, bytes]] = [
+    ("keys in other cases", b' {"index":1,"pathsegments":[{"TOKEN":"a"},{"Token":"b"}]} '),
+    ("unknown fields", b'{"PathSegments":[{"token":"a","id":"x"}],"Extra":{"a":[1,null]}}'),
+    ("an empty array", b'{"Index":0,"PathSegments":[]}'),
+    ("a key twice", b'{"Index":1,"Index":2}'),
+    ("Index, then index", b'{"Index":1,"index":2}'),
+    ("token, then Token", b'{"PathSegments":[{"token":"a","Token":"b"}]}'),
+    ("null fields", b'{"Index":null,"PathSegments":[{"token":null}]}'),
+    ("a null segment", b'{"PathSegments":[null]}'),
+    ("null", b"null"),
+    ("long s (U+017F) for s", '{"Path\u017fegments":[{"token":"a"}]}'.encode()),
+    ("Kelvin sign (U+212A) for k", '{"PathSegments":[{"to\u212aen":"a"}]}'.encode()),
+    ("a byte that is not UTF-8", b'{"PathSegments":[{"token":"\xff"}]}'),
+    ("an escaped lone surrogate", b'{"PathSegments":[{"token":"\\ud800"}]}'),
+    ("minus zero", b'{"Index":-0}'),
+    ("a negative Index", b'{"Index":-1}'),
+    ("Index 2^32", b'{"Index":4294967296}'),
+    ("Index 1.0", b'{"Index":1.0}'),
+    ("Index as a string", b'{"Index":"1"}'),
+    ("PathSegments an object", b'{"PathSegments":{}}'),
+    ("a number for a token", b'{"PathSegments":[{"token":1}]}'),
+    ("an array", b"[]"),
+    ("nothing", b""),
+    ("trailing bytes", b'{"Index":0} x'),
+    ("NaN", b'{"Index":NaN}'),
+    ("a byte order mark", b"\xef\xbb\xbf{}"),
+]
+# Tokens no NSM peer makes (JWTs are base64url): a different encoding is a DIFF.
+ODD_TOKENS = ["<a&b>", "\u2028\u2029", "é日本😀", '"\\/', "\x00\x1f\x7f", "\b\f\n\r\t"]
+
+
+def registry_nse(name: str) -> NetworkServiceEndpoint:
+    return NetworkServiceEndpoint(name=name, url=NSE_URL, network_service_names=[SERVICE])
+
+
+def token_subject(token: str) -> str:
+    """The last part of a token's sub, to name it in a figure."""
+    try:
+        return str(json.loads(b64decode(token.split(".")[1]))["sub"]).rpartition("/")[2]
+    except (IndexError, KeyError, TypeError, ValueError):
+        return repr(token[:12])
+
+
+def shown(text: object) -> str:
+    """A path value for a figure: each token shown as <its signer>, and the length."""
+    try:
+        value = json.loads(str(text))
+        for segment in value.get("PathSegments") or []:
+            segment["token"] = f"<{token_subject(segment['token'])}>"
+        return f"{json.dumps(value, separators=(',', ':'))} ({len(str(text))} bytes)"
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return repr(text)[:100]
+
+
+def path_tokens(text: object) -> list[str]:
+    """The tokens of a path value (as Go printed it); [] for none or garbage."""
+    try:
+        return [str(segment["token"]) for segment in json.loads(str(text))["PathSegments"] or []]
+    except (KeyError, TypeError, ValueError):
+        return []
+
+
+def our_reading(text: bytes) -> tuple[str, str]:
+    """What parse_registry_path makes of a text, and registry_path_json of that."""
+    try:
+        path = parse_registry_path(text)
+    except TokenError:
+        return "refused", ""
+    try:
+        again = registry_path_json(path)
+    except ValueError as exc:  # (UnicodeEncodeError is one)
+        again = f"<{type(exc).__name__}>"
+    return f"index {path.index}, tokens {list(path.tokens)!r}", again
+
+
+def go_reading(result: dict[str, Any]) -> tuple[str, str]:
+    """What Go's json.Unmarshal made of a text (a null segment: None), and json.Marshal of it."""
+    if result.get("error"):
+        return "refused", ""
+    return f"index {result['index']}, tokens {result['tokens']!r}", str(result["again"])
+
+
+def path_json_checks(report: Report, go: Go, lab: Lab) -> None:
+    ours_token = python_token(lab.proxy, lab.go_server).value
+    theirs = python_token(lab.go_server, lab.proxy).value
+    real = [
+        RegistryPath(),
+        RegistryPath(0, (ours_token, theirs)),
+        RegistryPath(1, (ours_token, theirs)),
+        RegistryPath(UINT32_MAX, (ours_token,)),
+        RegistryPath(3, ("",)),
+    ]
+    odd = [RegistryPath(0, (token,)) for token in ODD_TOKENS]
+    texts = GO_WRITTEN_PATHS + ODD_PATHS
+    seen = go.run(
+        "pathjson",
+        stdin=json.dumps(
+            {
+                "decode": [base64.b64encode(text).decode("ascii") for _, text in texts],
+                "encode": [{"index": p.index, "tokens": list(p.tokens)} for p in real + odd],
+            }
+        ),
+    )
+    encoded = dict(zip(real + odd, seen["encoded"], strict=True))
+    wrong = [f"go {encoded[p]!r} ours {registry_path_json(p)!r}" for p in real if
+             registry_path_json(p) != encoded[p]]  # fmt: skip
+    report.check(
+        f"registry_path_json is byte-identical to Go's json.Marshal for {len(real)} paths "
+        "(no segments: null; real tokens; index 0, 1 and 2^32-1; an empty token)",
+        not wrong,
+        "; ".join(wrong) or f"e.g. {shown(encoded[real[1]])}",
+    )
+    odd_wrong = [f"{p.tokens[0]!r}: go {encoded[p]!r} ours {registry_path_json(p)!r}" for p in odd
+                 if registry_path_json(p) != encoded[p]]  # fmt: skip
+    if odd_wrong:
+        report.diff(f"tokens no NSM peer makes, encoded otherwise than Go ({runtime_version()})",
+                    "; ".join(odd_wrong))  # fmt: skip
+    else:
+        report.check(f"odd tokens ({len(odd)}: HTML, U+2028, controls) encoded as Go does", True)
+
+    readings = dict(zip(texts, seen["decoded"], strict=True))
+    wrong = []
+    for what, text in GO_WRITTEN_PATHS:
+        go_path, our_path = go_reading(readings[what, text])[0], our_reading(text)[0]
+        if go_path != our_path:
+            wrong.append(f"{what}: go {go_path}; ours {our_path}")
+    # (How the path is written again is the business of the encoding checks above.)
+    report.check(
+        f"parse_registry_path reads {len(GO_WRITTEN_PATHS)} texts as json.Marshal writes them "
+        "(escapes included) to the path Go's json.Unmarshal reads",
+        not wrong,
+        "; ".join(wrong) or ", ".join(what for what, _ in GO_WRITTEN_PATHS),
+    )
+    same = []
+    for what, text in ODD_PATHS:
+        theirs_read, ours_read = go_reading(readings[what, text]), our_reading(text)
+        if theirs_read == ours_read:
+            same.append(what)
+        else:
+            report.diff(
+                f"path text {text!r} ({what}) read otherwise than Go's json.Unmarshal",
+                f"go {', then '.join(filter(None, theirs_read))}; "
+                f"ours {', then '.join(filter(None, ours_read))}",
+            )
+    report.check(
+        f"path texts no Go peer writes, read (and written again) as Go does: {len(same)} of "
+        f"{len(ODD_PATHS)}",
+        True,
+        ", ".join(same),
+    )
+
+
+async def registry_checks(report: Report, go: Go, lab: Lab, workdir: Path) -> None:
+    with report.group("registry `path` metadata: encoding/json on the sdk's Path, both ways"):
+        path_json_checks(report, go, lab)
+    socket = workdir / "sockets" / "go-registry.sock"
+    registry = ("registry", *lab.go_server.tls_args, "-socket", str(socket))
+    async with go_server(go, workdir, report, *registry) as lines:
+        with report.group("the proxy's RegistryClient -> grpc-go registry (path, mutual TLS)"):
+            await client_to_go_registry(report, lab, socket, lines)
+    with report.group("grpc-go registry client (as the sdk's) -> the lab registry"):
+        await go_client_to_lab_registry(report, go, lab, workdir)
+
+
+async def client_to_go_registry(report: Report, lab: Lab, socket: Path, lines: Lines) -> None:
+    proxy, registry = lab.proxy, lab.go_server
+    tls = SpiffeTls(Watched(proxy.identity))
+    client = RegistryClient(Signer.of(tls, LIFETIME.total_seconds()))
+    nse = registry_nse(ENDPOINT_NAME)
+    key: tuple[Literal["endpoint"], str] = ("endpoint", ENDPOINT_NAME)
+    async with open_channel(f"unix://{socket}", ssl_context=tls.client()) as channel:
+        with trio.fail_after(10):
+            answer = await client.register_endpoint(channel, nse)
+        first = await lines.next()
+        report.check(
+            "the first Register sends one `path` value: exactly the empty path's JSON",
+            first.get("path_values") == [EMPTY_PATH],
+            f"sent {first.get('path_values')}",
+        )
+        report.check(
+            "Go's json.Unmarshal takes it as the empty Path (json.Marshal: the same bytes again)",
+            not first.get("path_error") and first.get("received") == EMPTY_PATH,
+            first.get("path_error") or f"Go re-encodes {first.get('received')}",
+        )
+        caller = first.get("token_check", {})
+        report.check(
+            "golang-jwt verifies the nsm-client-token that became our segment (our TLS leaf)",
+            caller.get("ok") is True
+            and caller.get("sub") == proxy.id
+            and caller.get("aud") == [registry.id],
+            caller.get("error")
+            or claims_text(caller.get("sub"), caller.get("aud"), caller.get("exp")),
+        )
+        answered = str(first.get("answered"))
+        stored = client.paths.get(key)
+        report.check(
+            "we store the path Go answered in its `path` header: index 0, [our token, Go's]",
+            stored == RegistryPath(0, (str(first.get("token")), str(first.get("own_token")))),
+            f"Go answered {shown(answered)}; we hold "
+            f"{shown(registry_path_json(stored)) if stored else None}",
+        )
+        ours = registry_path_json(stored) if stored else None
+        report.check(
+            "registry_path_json of what we stored is byte-identical to Go's json.Marshal of it",
+            ours == answered,
+            f"{len(answered)} bytes" if ours == answered else f"go {answered!r}, ours {ours!r}",
+        )
+        go_token = str(first.get("own_token"))
+        try:
+            go_claims = verify(go_token, registry.identity.svid.leaf.public_key())
+            verdict = claims_text(go_claims.sub, go_claims.aud, go_claims.exp)
+            verified = go_claims.sub == registry.id and go_claims.aud == (proxy.id,)
+        except TokenError as exc:
+            verdict, verified = str(exc), False
+        report.check(
+            "Go's token in the path (golang-jwt signed) verifies with ours: Go's key, aud us",
+            verified,
+            verdict,
+        )
+        report.check(
+            "the Register answer (our NSE, echoed by Go) arrives intact",
+            answer == nse,
+            f"{first.get('request_len')} bytes; peer {first.get('peer_id')}, ALPN "
+            f"{first.get('alpn')!r}, {first.get('tls_version')}",
+        )
+
+        with trio.fail_after(10):
+            await client.register_endpoint(channel, nse)
+        second = await lines.next()
+        report.check(
+            "the refresh sends back the path Go answered, byte for byte",
+            second.get("path_values") == [answered],
+            f"sent {[shown(value) for value in second.get('path_values') or []]}",
+        )
+        received = second.get("received")
+        report.check(
+            "Go decodes it to the tokens it answered; its json.Marshal of them is our bytes",
+            not second.get("path_error")
+            and received == answered
+            and stored is not None
+            and json.loads(str(received))
+            == {"Index": 0, "PathSegments": [{"token": token} for token in stored.tokens]},
+            second.get("path_error") or f"Go re-encodes {shown(received)}",
+        )
+        renewed = client.paths.get(key)
+        report.check(
+            "Go replaced both tokens (the sdk's refresh); we store the new path, index 0",
+            renewed is not None
+            and stored is not None
+            and renewed == RegistryPath(0, (str(second.get("token")), str(second.get("own_token"))))
+            and set(renewed.tokens).isdisjoint(stored.tokens)
+            and registry_path_json(renewed) == second.get("answered"),
+            f"we hold {renewed and shown(registry_path_json(renewed))}",
+        )
+
+        with trio.fail_after(10):
+            await client.unregister_endpoint(channel, nse)
+        third = await lines.next()
+        report.check(
+            "Unregister sends the refreshed path, takes Go's empty answer, forgets the path",
+            third.get("method") == NSE_REGISTRY + "Unregister"
+            and third.get("path_values") == [second.get("answered")]
+            and third.get("reply_len") == 0
+            and key not in client.paths,
+            f"sent {[shown(value) for value in third.get('path_values') or []]}; answer "
+            f"{third.get('reply_len')} bytes; {'still held' if key in client.paths else 'dropped'}",
+        )
+
+        client.paths[key] = RegistryPath(index=2, tokens=("a", "b"))
+        try:
+            with trio.fail_after(10):
+                await client.register_endpoint(channel, nse)
+            code, message = None, "accepted!"
+        except RpcFailedError as exc:
+            code, message = exc.status.status_code, str(exc.status.status_message)
+        fourth = await lines.next()
+        report.check(
+            "a path pointing past its segments: Go's UNKNOWN (the sdk's words) reaches us, "
+            "and we drop the path",
+            code == StatusCode.UNKNOWN
+            and message == fourth.get("error")
+            and fourth.get("path_values") == [registry_path_json(RegistryPath(2, ("a", "b")))]
+            and key not in client.paths,
+            f"{code}: {message!r}",
+        )
+
+
+def call_figures(result: dict[str, Any]) -> str:
+    text = f"{result.get('method', '').rpartition('/')[2]} code {result.get('code')}"
+    if result.get("message"):
+        text += f" {result['message']!r}"
+    return text + f"; call {result.get('call_ms')} ms"
+
+
+async def go_client_to_lab_registry(report: Report, go: Go, lab: Lab, workdir: Path) -> None:
+    go_nsc, nsmgr = lab.go_client, lab.nsmgr
+    socket = workdir / "sockets" / "lab-nsm.sock"
+    scratch = workdir / "scratch" / "lab-registry"
+    scratch.mkdir(mode=0o700)
+    nse_file = scratch / "nse.bin"
+    nse_file.write_bytes(registry_nse("go-nse-a").SerializeToString())
+    tls = SpiffeTls(Watched(nsmgr.identity))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(serve_nsm, str(socket), forwarder=NoKernel(), tls=tls))
+        try:
+            args = [str(go.binary), "register", *go_nsc.tls_args, "-socket", str(socket)]
+            with trio.fail_after(30):
+                done = await trio.run_process(
+                    [*args, "-in", str(nse_file)],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
+            if done.returncode != 0:
+                raise RuntimeError(f"nsminterop register failed: {done.stderr.decode().strip()}")
+            calls = [json.loads(line) for line in done.stdout.decode().splitlines()]
+            go_registrations(report, lab, calls)
+            await lab_registry_leniency(report, GoClient(go, scratch, socket), lab)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def go_registrations(report: Report, lab: Lab, calls: list[dict[str, Any]]) -> None:
+    go_nsc, nsmgr = lab.go_client, lab.nsmgr
+    first, refresh, unregister = calls
+    report.check(
+        "Register from grpc-go (per-RPC tokens, the sdk's path client) passes our registry",
+        first.get("code") == "OK",
+        call_figures(first) + f"; peer {first.get('peer_id')}, ALPN {first.get('alpn')!r}",
+    )
+    report.check(
+        "the path Go sends first (json.Marshal of an empty Path) is the one we send first",
+        first.get("sent_path") == EMPTY_PATH == registry_path_json(RegistryPath()),
+        str(first.get("sent_path")),
+    )
+    header, held = first.get("header_path") or [], first.get("held")
+    report.check(
+        "we answer one `path` header; Go's json.Unmarshal takes it into the sdk's Path and "
+        "json.Marshal gives our bytes back",
+        len(header) == 1 and not first.get("path_error") and held == header[0],
+        first.get("path_error") or f"{len(header)} value(s): {shown(header[0] if header else '')}",
+    )
+    tokens = path_tokens(held)
+    report.check(
+        "the path Go holds: index 0, [the token Go sent, ours]",
+        json.loads(str(held)).get("Index") == 0
+        and len(tokens) == 2
+        and tokens[0] == first.get("sent_token"),
+        shown(held),
+    )
+    checks = first.get("token_checks") or []
+    ours = checks[1] if len(checks) == 2 else {}
+    report.check(
+        "golang-jwt verifies both: Go's own, and ours against our TLS leaf (sub us, aud Go)",
+        all(check.get("ok") for check in checks)
+        and len(checks) == 2
+        and ours.get("sub") == nsmgr.id
+        and ours.get("aud") == [go_nsc.id],
+        "; ".join(
+            check.get("error") or claims_text(check.get("sub"), check.get("aud"), check.get("exp"))
+            for check in checks
+        ),
+    )
+    report.check(
+        "the refresh passes, sending the held path back byte for byte (Go re-encoded it)",
+        refresh.get("code") == "OK" and refresh.get("sent_path") == held,
+        call_figures(refresh) + f"; sent {shown(refresh.get('sent_path'))}",
+    )
+    again = path_tokens(refresh.get("held"))
+    report.check(
+        "we replaced both tokens; golang-jwt verifies the new ones; index 0 again",
+        json.loads(str(refresh.get("held"))).get("Index") == 0
+        and len(again) == 2
+        and again[0] == refresh.get("sent_token")
+        and not set(again) & set(tokens)
+        and all(check.get("ok") for check in refresh.get("token_checks") or [{}]),
+        shown(refresh.get("held")),
+    )
+    report.check(
+        "Unregister passes with the held path and gets an empty message back",
+        unregister.get("code") == "OK"
+        and unregister.get("sent_path") == refresh.get("held")
+        and unregister.get("reply_len") == 0,
+        call_figures(unregister) + f"; path answered {len(unregister.get('header_path') or [])}x",
+    )
+
+
+async def lab_registry_leniency(report: Report, client: GoClient, lab: Lab) -> None:
+    """Where the metadata is missing or repeated: no sdk client does that, so a difference from
+    the sdk's grpcmetadata server is a DIFF."""
+    register = NSE_REGISTRY + "Register"
+    bare = await client.call(lab.go_client, register, registry_nse("go-nse-b"), None, "-sign")
+    answered = bare.result.get("header_path") or []
+    if bare.code != "OK":
+        report.check(
+            "a Register without path metadata passes (the sdk warns)", False, bare.figures()
+        )
+    elif answered:
+        report.diff(
+            "a Register without path metadata: we answer a `path` header, the sdk's grpcmetadata "
+            "server (which skips itself) answers none",
+            f"answered {shown(answered[0])}",
+        )
+    else:
+        report.check("a Register without path metadata passes, no path answered (as the sdk)", True)
+
+    past = registry_path_json(RegistryPath(7, ("x",)))
+    twice = await client.call(
+        lab.go_client,
+        register,
+        registry_nse("go-nse-c"),
+        [(PATH_KEY, EMPTY_PATH), (PATH_KEY, past)],
+        "-sign",
+    )
+    if twice.code == "Unknown":
+        report.check(
+            "two `path` values: the last counts, as in the sdk's fromMD", True, twice.figures()
+        )
+    elif twice.code == "OK":
+        report.diff(
+            "two `path` values (the empty path, then one past its segments): we read the first, "
+            "the sdk's fromMD the last (and would answer UNKNOWN)",
+            twice.figures(),
+        )
+    else:
+        report.check("two `path` values: one of them is read", False, twice.figures())
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -999,6 +1457,7 @@ async def rpc_checks(report: Report, go: Go, lab: Lab, workdir: Path) -> None:
     (workdir / "scratch").mkdir(mode=0o700)
     await endpoint_checks(report, go, lab, workdir)
     await server_checks(report, go, lab, workdir)
+    await registry_checks(report, go, lab, workdir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

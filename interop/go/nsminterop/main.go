@@ -4,12 +4,17 @@
 //
 // Subcommands (each prints one JSON object per result on stdout; see ../check.py):
 //
-//	sign    make a token as the sdk's spiffejwt generator does
-//	verify  check a token with golang-jwt and parse an expiry as the sdk's reader does
-//	times   format and parse RFC 3339 instants with Go's time.RFC3339Nano
-//	call    one unary gRPC call over a UNIX socket with mutual TLS (a Go NSM client)
-//	serve   a gRPC server on a UNIX socket with mutual TLS that checks callers' tokens
-//	        as an NSM server would (a Go NSM server)
+//	sign      make a token as the sdk's spiffejwt generator does
+//	verify    check a token with golang-jwt and parse an expiry as the sdk's reader does
+//	times     format and parse RFC 3339 instants with Go's time.RFC3339Nano
+//	call      one unary gRPC call over a UNIX socket with mutual TLS (a Go NSM client)
+//	serve     a gRPC server on a UNIX socket with mutual TLS that checks callers' tokens
+//	          as an NSM server would (a Go NSM server)
+//	registry  a registry's side of the `path` metadata of NSE Register/Unregister, on a UNIX
+//	          socket with mutual TLS (the sdk's grpcmetadata and updatepath servers)
+//	register  an NSE's Register, refresh and Unregister as the sdk's registry client makes
+//	          them: per-call tokens, and the `path` it was answered sent back
+//	pathjson  encoding/json on the sdk's registry Path, for a table comparison
 //
 // Nothing here is NSM's code: it re-does, with the same libraries, the few steps of it that
 // decide what goes on the wire, so that a difference in bytes shows up as a failed check.
@@ -44,6 +49,12 @@ func main() {
 		err = callCommand(args)
 	case "serve":
 		err = serveCommand(args)
+	case "registry":
+		err = registryCommand(args)
+	case "register":
+		err = registerCommand(args)
+	case "pathjson":
+		err = pathJSONCommand(args)
 	default:
 		usage()
 	}
@@ -56,7 +67,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: nsminterop sign|verify|times|call|serve [flags]")
+	fmt.Fprintln(os.Stderr, "usage: nsminterop sign|verify|times|call|serve|registry|register|pathjson [flags]")
 	os.Exit(1)
 }
 

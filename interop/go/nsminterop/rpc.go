@@ -149,23 +149,7 @@ func (c *nsmCredentials) GetRequestMetadata(ctx context.Context, _ ...string) (m
 	if !ok {
 		return nil, errors.New("no peer in the context")
 	}
-	expires := time.Now().Add(c.lifetime)
-	if c.ownNotAfter.Before(expires) {
-		expires = c.ownNotAfter
-	}
-	claims := jwt.RegisteredClaims{Subject: c.ownID, ExpiresAt: jwt.NewNumericDate(expires)}
-	if info, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(info.State.PeerCertificates) > 0 {
-		leaf := info.State.PeerCertificates[0]
-		peerID, err := spiffeID(leaf)
-		if err != nil {
-			return nil, err
-		}
-		if leaf.NotAfter.Before(expires) {
-			expires = leaf.NotAfter
-		}
-		claims.Audience = []string{peerID}
-	}
-	token, err := jwt.NewWithClaims(jwt.SigningMethodES256, claims).SignedString(c.key)
+	token, expires, err := signForPeer(c.key, c.ownID, c.ownNotAfter, c.lifetime, p)
 	if err != nil {
 		return nil, err
 	}
@@ -179,6 +163,31 @@ func (c *nsmCredentials) GetRequestMetadata(ctx context.Context, _ ...string) (m
 
 func (c *nsmCredentials) RequireTransportSecurity() bool { return true }
 
+// signForPeer is the sdk's spiffejwt.TokenGeneratorFunc: a token for the TLS peer of p (aud =
+// its leaf's SPIFFE ID; none without a TLS peer) and its expiry. Clients sign with it per call,
+// servers for their hop of a path. As in the sdk, the peer leaf's NotAfter caps the expiry that
+// is returned (and sent as nsm-client-token-expires) but not the exp claim, which is set before.
+func signForPeer(key *ecdsa.PrivateKey, ownID string, ownNotAfter time.Time, lifetime time.Duration, p *peer.Peer) (string, time.Time, error) {
+	expires := time.Now().Add(lifetime)
+	if ownNotAfter.Before(expires) {
+		expires = ownNotAfter
+	}
+	claims := jwt.RegisteredClaims{Subject: ownID, ExpiresAt: jwt.NewNumericDate(expires)}
+	if info, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(info.State.PeerCertificates) > 0 {
+		leaf := info.State.PeerCertificates[0]
+		peerID, err := spiffeID(leaf)
+		if err != nil {
+			return "", time.Time{}, err
+		}
+		if leaf.NotAfter.Before(expires) {
+			expires = leaf.NotAfter
+		}
+		claims.Audience = []string{peerID}
+	}
+	token, err := jwt.NewWithClaims(jwt.SigningMethodES256, claims).SignedString(key)
+	return token, expires, err
+}
+
 // callResult is what call prints: the status, who answered, and how long the call took
 // (connecting and the TLS handshake included: the call makes the connection).
 type callResult struct {
@@ -190,6 +199,7 @@ type callResult struct {
 	CallMillis  float64  `json:"call_ms"`
 	ResponseLen int      `json:"response_len"`
 	HeaderKeys  []string `json:"header_keys,omitempty"`
+	HeaderPath  []string `json:"header_path,omitempty"` // the registry's `path` answers, if any
 	SentToken   string   `json:"sent_token,omitempty"`
 	SentExpires string   `json:"sent_expires,omitempty"`
 }
@@ -297,6 +307,7 @@ func callCommand(args []string) error {
 	for key := range header {
 		result.HeaderKeys = append(result.HeaderKeys, key)
 	}
+	result.HeaderPath = header.Get(pathKey)
 	if creds != nil {
 		creds.mu.Lock()
 		result.SentToken, result.SentExpires = creds.token, creds.expires
@@ -359,12 +370,6 @@ func serveCommand(args []string) error {
 		return err
 	}
 
-	var printing sync.Mutex // one whole line at a time on stdout
-	emit := func(event serveEvent) {
-		printing.Lock()
-		defer printing.Unlock()
-		printJSON(event)
-	}
 	handler := func(_ interface{}, stream grpc.ServerStream) error {
 		var event serveEvent
 		event.Event = "call"
@@ -377,30 +382,47 @@ func serveCommand(args []string) error {
 		denial := checkCaller(stream.Context(), ownID, &event)
 		if denial != "" {
 			event.Denied = denial
-			emit(event)
+			printLine(event)
 			return status.Error(codes.PermissionDenied, denial)
 		}
-		emit(event)
+		printLine(event)
 		return stream.SendMsg(&reply)
 	}
 
+	return serveUntilStdinCloses(*socket, serverTLS(own, roots), handler)
+}
+
+// printing keeps server lines whole: handlers run on several goroutines.
+var printing sync.Mutex
+
+func printLine(value interface{}) {
+	printing.Lock()
+	defer printing.Unlock()
+	printJSON(value)
+}
+
+// serveUntilStdinCloses runs a gRPC server with mutual TLS on a UNIX socket that hands every
+// call, whatever its method, to handler with raw message bytes. It prints a "ready" line once
+// it listens and a "stopped" line at the end, and it stops when stdin closes, so the driver
+// needs no signal to end it.
+func serveUntilStdinCloses(socket string, config *tls.Config, handler grpc.StreamHandler) error {
 	server := grpc.NewServer(
-		grpc.Creds(credentials.NewTLS(serverTLS(own, roots))),
+		grpc.Creds(credentials.NewTLS(config)),
 		grpc.CustomCodec(rawCodec{}),
 		grpc.UnknownServiceHandler(handler),
 	)
-	listener, err := net.Listen("unix", *socket)
+	listener, err := net.Listen("unix", socket)
 	if err != nil {
 		return err
 	}
 	served := make(chan error, 1)
 	go func() { served <- server.Serve(listener) }()
-	emit(serveEvent{Event: "ready", Socket: *socket})
+	printLine(serveEvent{Event: "ready", Socket: socket})
 
 	_, _ = ioutil.ReadAll(os.Stdin)
 	server.Stop() // closes the listener, which removes the socket file
 	<-served
-	emit(serveEvent{Event: "stopped"})
+	printLine(serveEvent{Event: "stopped"})
 	return nil
 }
 
