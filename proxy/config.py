@@ -378,6 +378,10 @@ def _check_config_file(value: str) -> str | None:
     return None if not value or value.startswith("/") else "not an absolute path"
 
 
+def _check_absolute_path(value: str) -> str | None:
+    return None if value.startswith("/") else "not an absolute path"
+
+
 def _check_authorized_ids(value: str) -> str | None:
     if not value:
         return None
@@ -605,6 +609,18 @@ class Config:
             "Plaintext gRPC health server for `meridio-proxy probe`: unix:///absolute/path.",
             "unix:///absolute/path",
             check=_check_unix_address,
+        ),
+    )
+    state_dir: str = _field(
+        str,
+        Var(
+            "NSM_STATE_DIR",
+            "path",
+            "/tmp",
+            "Directory for what the proxy keeps across its restarts in the pod (the IPAM "
+            "releases it still owes); an emptyDir volume, as /tmp in the manifests.",
+            "an absolute path",
+            check=_check_absolute_path,
         ),
     )
     health_tcp_address: str = _field(

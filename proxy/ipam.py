@@ -20,6 +20,9 @@ tries) inside whatever deadline the caller has.
   deadline, and logs what it could not release. A `release_later` after it releases at once.
   Release registration is synchronous, so a shutdown can never miss a release that was asked
   for just before it (upstream's Proxy.Close race, §3.5).
+* With a `ReleaseJournal`, every release owed is written down until it is done (or its key is
+  wanted again), and `run` starts with what a previous instance left owed, at its due time: a
+  proxy killed within the release delay no longer leaks the addresses until IPAM's GC.
 
 `BridgeAddresses` allocates the `bridge` child of every family, retrying with backoff until
 all families have an address, publishes them (`addresses`, and `SetBridgeAddresses` to the
@@ -34,9 +37,11 @@ IPAMCli health follows the channel: `proxy.health.follow_channel(channel, health
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, KeysView
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import attrs
 import trio
@@ -61,6 +66,7 @@ from proxy.ipam_model import (
 )
 from proxy.kernel.model import Family, IPInterface
 from proxy.kernel.router import RouterEvent, SetBridgeAddresses
+from proxy.release_journal import ReleaseJournal
 from proxy.rpc import Backoff, ChannelState, ReconnectingChannel, Tls
 from proxy.watched import Watched
 
@@ -111,6 +117,11 @@ def _backoff(maximum: float) -> Backoff:
 
 def owner_of(config: Config) -> Owner:
     return Owner(config.trench, config.conduit, config.host, families_of(config.ip_family))
+
+
+def journal_path(config: Config) -> Path:
+    """Where the releases owed are kept across restarts (one file per proxy)."""
+    return Path(config.state_dir) / f"{config.name}.ipam-releases.json"
 
 
 def ipam_channel(config: Config, tls: Tls | None = None) -> ReconnectingChannel:
@@ -212,6 +223,8 @@ class IpamClient:
         release_delay: float,
         max_backoff: float,
         call_timeout: float = CALL_TIMEOUT,
+        journal: ReleaseJournal | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if release_delay < 0:
             raise ValueError(f"release_delay must not be negative: {release_delay}")
@@ -225,6 +238,9 @@ class IpamClient:
         self._busy: dict[str, trio.Event] = {}  # keys with an allocation in progress
         self._nursery: trio.Nursery | None = None
         self._draining = False
+        self._journal = journal
+        self._wall = wall_clock
+        self._owed: dict[str, float] = {}  # key -> when its release is due (wall clock)
 
     @classmethod
     def from_config(cls, config: Config, channel: ReconnectingChannel) -> IpamClient:
@@ -233,6 +249,7 @@ class IpamClient:
             owner_of(config),
             release_delay=config.ip_release_delay,
             max_backoff=config.grpc_max_backoff,
+            journal=ReleaseJournal(journal_path(config)),
         )
 
     @property
@@ -250,10 +267,22 @@ class IpamClient:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self._carry_over()
                 task_status.started()
                 await trio.sleep_forever()
         finally:
             self._nursery = None
+
+    def _carry_over(self) -> None:
+        """The releases a previous instance owed, each at its due time (now, if past)."""
+        if self._journal is None:
+            return
+        owed = self._journal.load()
+        now = self._wall()
+        for key, due in owed.items():
+            self._schedule(key, list(pair_children(key, self._owner.families)), max(0.0, due - now))
+        if owed:
+            logger.info("releases carried over from the previous instance", keys=len(owed))
 
     # -- allocation ------------------------------------------------------------------------------
 
@@ -360,8 +389,19 @@ class IpamClient:
             return
         record = _Release(key, children, trio.current_time() + delay, _backoff(self._max_backoff))
         self._pending[key] = record
+        self._owe(key, self._wall() + delay)
         self._nursery.start_soon(self._release, record)
         logger.debug("release scheduled", key=key, delay=delay)
+
+    def _owe(self, key: str, due: float | None) -> None:
+        """Note (or, with None, forget) a release owed, in the journal too."""
+        if due is None:
+            if self._owed.pop(key, None) is None:
+                return
+        else:
+            self._owed[key] = due
+        if self._journal is not None:
+            self._journal.save(self._owed)
 
     async def _release(self, record: _Release) -> None:
         key = record.key
@@ -404,6 +444,8 @@ class IpamClient:
             record.finished.set()
             if self._pending.get(key) is record:
                 del self._pending[key]
+            if (record.stopped or not record.children) and key not in self._pending:
+                self._owe(key, None)  # done, or wanted again; abandoned ones stay owed
         if record.stopped:
             logger.info("release stopped: the key is wanted again", key=key)
         else:

@@ -716,6 +716,7 @@ class Topology:
             "NSM_IPAM_SERVICE": self.address("ipam"),
             "NSM_NSP_SERVICE": self.address("nsp"),
             "NSM_HEALTH_ADDRESS": self.address("health"),
+            "NSM_STATE_DIR": str(self.directory),
             "NSM_REQUEST_TIMEOUT": "5s",
             "NSM_IP_RELEASE_DELAY": "1s",
             "NSM_MAX_TOKEN_LIFETIME": "1m",

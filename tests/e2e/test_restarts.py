@@ -15,11 +15,13 @@ import signal
 from pathlib import Path
 
 import pytest
+import trio
 
-from proxy.lab.scenarios import peer_restart, proxy_restart
+from proxy.lab.scenarios import ipam_records, leaked_records, peer_restart, proxy_restart
 from proxy.lab.state import leftovers
 from proxy.lab.topology import Topology
 from tests.e2e.conftest import spec
+from tests.e2e.inventory import key_records, target_key
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(150)]
 
@@ -64,6 +66,41 @@ async def test_a_load_balancer_gone_while_the_proxy_was_down_leaves_at_restart(
               f" after the SIGKILL; the proxy: {settled.split(' - ')[-1]}")  # fmt: skip
         assert "by=listing" in settled, settled
     assert leftovers(topology.state) == []
+
+
+async def test_a_release_owed_when_the_proxy_is_killed_is_done_after_its_restart(
+    state_dir: Path,
+) -> None:
+    """tg1 leaves; the proxy is SIGKILLed within its release delay (5 s here): the restarted
+    proxy releases tg1's addresses when they were due (upstream's stayed with IPAM until its
+    garbage collector, up to 2 h 40 m)."""
+    lab = spec(state_dir, proxy_env={"NSM_IP_RELEASE_DELAY": "5s"})
+    async with Topology.running(lab) as topology:
+        key = target_key(topology.targets[1].name)
+        owned = key_records(key, topology.families)
+        journal = topology.directory / f"{topology.proxy_name}.ipam-releases.json"
+        assert owned <= set(ipam_records(topology))
+        left = trio.current_time()
+        await topology.remove_target(1)  # it closes its connection: the release is owed
+        await topology.wait_until(
+            "the proxy owes tg1's release", lambda: _owes(journal, key), within=10.0
+        )
+        await topology.restart_proxy(signal.SIGKILL)
+
+        async def released() -> bool:
+            return not owned & set(ipam_records(topology))
+
+        await topology.wait_until("tg1's IPAM records released", released, within=20.0)
+        print(f"tg1 left, the proxy was SIGKILLed within its 5 s release delay: its IPAM records"
+              f" went {trio.current_time() - left:.1f}s after it left")  # fmt: skip
+        assert not journal.exists()
+        assert await leaked_records(topology) == {}
+    assert leftovers(topology.state) == []
+
+
+async def _owes(journal: Path, key: str) -> bool:
+    file = trio.Path(journal)
+    return await file.exists() and key in await file.read_text()
 
 
 @pytest.mark.parametrize(("peer", "service"), [("ipam", "IPAMCli"), ("nsp", "NSPCli")])

@@ -75,6 +75,7 @@ def start_proxy(directory: Path, **env: str) -> RunningProxy:
         "NSM_HOST": "node-a",
         "NSM_IDENTITY": "insecure",
         "NSM_HEALTH_ADDRESS": f"unix://{socket_path}",
+        "NSM_STATE_DIR": str(directory),
         "NSM_LOG_FORMAT": "json",
         **env,
     }

@@ -128,6 +128,7 @@ def proxy_env(lab: Lab) -> dict[str, str]:
         "NSM_IPAM_SERVICE": lab.socket("ipam"),
         "NSM_NSP_SERVICE": lab.socket("nsp"),
         "NSM_HEALTH_ADDRESS": lab.socket("health"),
+        "NSM_STATE_DIR": str(lab.directory),
         "NSM_REQUEST_TIMEOUT": "5s",
         "NSM_IP_RELEASE_DELAY": "1s",
         "NSM_MAX_TOKEN_LIFETIME": "1m",

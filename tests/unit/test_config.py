@@ -205,6 +205,7 @@ UPSTREAM_DEFAULTS = {
 NEW_DEFAULTS = {
     "NSM_HEALTH_ADDRESS": "unix:///tmp/health.sock",
     "NSM_HEALTH_TCP_ADDRESS": "",
+    "NSM_STATE_DIR": "/tmp",
     "NSM_LOG_FORMAT": LogFormat.JSON,
     "NSM_SHUTDOWN_TIMEOUT": 20.0,
     "NSM_CONFIG_FILE": "",
@@ -601,3 +602,8 @@ def test_authorized_ids() -> None:
     [problem] = bad.value.problems
     assert problem.startswith("NSM_AUTHORIZED_IDS='spiffe://Example.org/x': ")
     assert "lower-case" in problem
+
+
+def test_the_state_dir_must_be_absolute() -> None:
+    with pytest.raises(ConfigError, match="NSM_STATE_DIR='tmp': not an absolute path"):
+        load({"NSM_HOST": "node-a", "NSM_STATE_DIR": "tmp"})

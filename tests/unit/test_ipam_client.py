@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -37,6 +38,7 @@ from proxy.ipam_model import (
 )
 from proxy.kernel.model import Family
 from proxy.kernel.router import RouterEvent, SetBridgeAddresses
+from proxy.release_journal import ReleaseJournal
 from proxy.rpc import (
     Backoff,
     InvalidArgumentError,
@@ -52,6 +54,7 @@ pytestmark = pytest.mark.timeout(30)
 OWNER = Owner("trench-a", "conduit-a", "node-1")
 DELAY = 20.0
 MAX_BACKOFF = 2.0
+WALL_START = 1_800_000_000.0  # the wall clock, as trio's mock clock advances it
 NETWORKS: dict[int, ipaddress.IPv4Network | ipaddress.IPv6Network] = {
     IPV4: ipaddress.ip_network("198.18.0.0/24"),
     IPV6: ipaddress.ip_network("2001:db8::/64"),
@@ -184,8 +187,10 @@ async def running(
     release_delay: float = DELAY,
     families: tuple[Family, ...] = (V4, V6),
     serve: bool = True,
+    fake: FakeIpam | None = None,
+    journal: ReleaseJournal | None = None,
 ) -> AsyncIterator[Env]:
-    fake = FakeIpam()
+    fake = fake or FakeIpam()
     path = f"{sockdir}/ipam.sock"
     async with trio.open_nursery() as nursery:
         if serve:
@@ -199,6 +204,8 @@ async def running(
             attrs.evolve(OWNER, families=families),
             release_delay=release_delay,
             max_backoff=MAX_BACKOFF,
+            journal=journal,
+            wall_clock=lambda: WALL_START + trio.current_time(),
         )
         await nursery.start(client.run)
         yield Env(fake, client, channel, nursery, path)
@@ -495,6 +502,65 @@ async def test_unreachable_ipam_is_an_ipam_error(sockdir: str, autojump_clock: A
             await env.client.allocate_pair("k")
         assert trio.current_time() - start == pytest.approx(10)
         assert "k-src (IPv4)" in str(caught.value)
+
+
+# -- releases owed across restarts ----------------------------------------------------------------
+
+
+async def test_a_release_owed_is_written_down_until_it_is_done(
+    sockdir: str, autojump_clock: Any
+) -> None:
+    journal = ReleaseJournal(Path(sockdir) / "proxy-a.ipam-releases.json")
+    async with running(sockdir, journal=journal) as env:
+        await env.client.allocate_pair("k")
+        assert not journal.path.exists()  # nothing owed
+        env.client.release_later("k")
+        assert journal.load() == {"k": pytest.approx(WALL_START + trio.current_time() + DELAY)}
+        await env.fake.until(lambda: not env.client.pending_releases, within=DELAY + 5)
+        assert not journal.path.exists()
+
+
+async def test_a_release_owed_by_a_killed_instance_is_done_by_the_next_at_its_time(
+    sockdir: str, autojump_clock: Any, logs: list[dict[str, Any]]
+) -> None:
+    """The proxy killed within the release delay: the next instance releases the addresses
+    when they were due (upstream left them to IPAM's GC, up to 2 h 40 m)."""
+    journal = ReleaseJournal(Path(sockdir) / "proxy-a.ipam-releases.json")
+    fake = FakeIpam()
+    async with running(sockdir, fake=fake, journal=journal) as first:
+        await first.client.allocate_pair("gone")
+        await first.client.allocate_pair("stays")
+        due = trio.current_time() + DELAY
+        first.client.release_later("gone")
+        await trio.sleep(5)
+    # (cancelled: the file is as a SIGKILL leaves it, written when the release was asked for)
+    assert set(journal.load()) == {"gone"}
+    assert fake.called("Release") == []
+    await trio.sleep(1)
+    async with running(sockdir, fake=fake, journal=journal) as second:
+        assert set(second.client.pending_releases) == {"gone"}
+        await fake.until(lambda: not second.client.pending_releases, within=DELAY)
+        assert min(fake.times("Release")) == pytest.approx(due)
+        assert {name for _, name in fake.called("Release")} == {"gone-src", "gone-dst"}
+        assert len(fake.records) == 4  # "stays" untouched
+    assert not journal.path.exists()
+    assert any(r["message"] == "releases carried over from the previous instance" for r in logs)
+
+
+async def test_a_carried_over_key_wanted_again_is_not_released(
+    sockdir: str, autojump_clock: Any
+) -> None:
+    journal = ReleaseJournal(Path(sockdir) / "proxy-a.ipam-releases.json")
+    fake = FakeIpam()
+    async with running(sockdir, fake=fake, journal=journal) as first:
+        await first.client.allocate_pair("k")
+        first.client.release_later("k")
+    async with running(sockdir, fake=fake, journal=journal) as second:
+        await second.client.allocate_pair("k")  # the target came back (a heal)
+        await trio.sleep(10 * DELAY)
+        assert fake.called("Release") == []
+        assert set(second.client.live_keys) == {"k"}
+    assert not journal.path.exists()
 
 
 # -- flush ----------------------------------------------------------------------------------------
