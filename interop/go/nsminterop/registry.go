@@ -9,7 +9,6 @@ import (
 	"flag"
 	"fmt"
 	"io/ioutil"
-	"net"
 	"os"
 	"strings"
 	"time"
@@ -296,24 +295,11 @@ func registerCommand(args []string) error {
 	if err != nil {
 		return err
 	}
-	key, ok := own.PrivateKey.(*ecdsa.PrivateKey)
-	if !ok {
-		return errors.New("register needs an EC key")
-	}
-	ownID, err := spiffeID(own.Leaf)
+	creds, err := newCredentials(own, *lifetime, time.UTC)
 	if err != nil {
 		return err
 	}
-	creds := &nsmCredentials{key: key, ownID: ownID, ownNotAfter: own.Leaf.NotAfter, lifetime: *lifetime, location: time.UTC}
-	conn, err := grpc.Dial("passthrough:///localhost",
-		grpc.WithTransportCredentials(credentials.NewTLS(clientTLS(own, roots))),
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
-			var dialer net.Dialer
-			return dialer.DialContext(ctx, "unix", *socket)
-		}),
-		grpc.WithAuthority("localhost"), // as in call: what newer grpc-go names UNIX targets
-		grpc.WithPerRPCCredentials(creds),
-	)
+	conn, err := dialUnix(context.Background(), *socket, own, roots, grpc.WithPerRPCCredentials(creds))
 	if err != nil {
 		return err
 	}
@@ -341,11 +327,8 @@ func registerCommand(args []string) error {
 		if result.Header == nil {
 			result.Header = []string{}
 		}
-		info, _ := answeredBy.AuthInfo.(credentials.TLSInfo)
-		result.ALPN = info.State.NegotiatedProtocol
-		if len(info.State.PeerCertificates) > 0 {
-			result.PeerID, _ = spiffeID(info.State.PeerCertificates[0])
-		}
+		info, alpn, _, peerID := tlsPeer(answeredBy)
+		result.ALPN, result.PeerID = alpn, peerID
 		if err != nil {
 			// The sdk's client leaves its path alone when the call fails.
 			result.Message = status.Convert(err).Message()

@@ -243,41 +243,23 @@ func callCommand(args []string) error {
 		}
 	}
 
-	options := []grpc.DialOption{
-		grpc.WithTransportCredentials(credentials.NewTLS(clientTLS(own, roots))),
-		// grpc-go 1.33 has no unix: resolver; dial the socket directly. Newer grpc-go (as NSM
-		// uses) names UNIX targets "localhost", so the authority and SNI are that here too.
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
-			var dialer net.Dialer
-			return dialer.DialContext(ctx, "unix", *socket)
-		}),
-		grpc.WithAuthority("localhost"),
-		// No WithBlock: grpc-go 1.33 takes a refused handshake for a temporary error and would
-		// retry until the deadline; without it the call fails at once with the handshake's
-		// error as its message, which is what the driver wants to see.
-	}
+	var options []grpc.DialOption
 	var creds *nsmCredentials
 	if *sign {
-		key, ok := own.PrivateKey.(*ecdsa.PrivateKey)
-		if !ok {
-			return errors.New("-sign needs an EC key")
-		}
-		ownID, err := spiffeID(own.Leaf)
-		if err != nil {
-			return err
-		}
 		location, err := parseZone(*zone)
 		if err != nil {
 			return err
 		}
-		creds = &nsmCredentials{key: key, ownID: ownID, ownNotAfter: own.Leaf.NotAfter, lifetime: *lifetime, location: location}
+		if creds, err = newCredentials(own, *lifetime, location); err != nil {
+			return err
+		}
 		options = append(options, grpc.WithPerRPCCredentials(creds))
 	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
 	var result callResult
-	conn, err := grpc.DialContext(ctx, "passthrough:///localhost", options...)
+	conn, err := dialUnix(ctx, *socket, own, roots, options...)
 	if err != nil {
 		return err // only bad options get here: the connection is made by the call
 	}
@@ -297,13 +279,7 @@ func callCommand(args []string) error {
 	if err != nil {
 		result.Message = status.Convert(err).Message()
 	}
-	if info, ok := answeredBy.AuthInfo.(credentials.TLSInfo); ok {
-		result.ALPN = info.State.NegotiatedProtocol
-		result.TLSVersion = tlsVersionName(info.State.Version)
-		if len(info.State.PeerCertificates) > 0 {
-			result.PeerID, _ = spiffeID(info.State.PeerCertificates[0])
-		}
-	}
+	_, result.ALPN, result.TLSVersion, result.PeerID = tlsPeer(answeredBy)
 	for key := range header {
 		result.HeaderKeys = append(result.HeaderKeys, key)
 	}
@@ -323,6 +299,50 @@ func callCommand(args []string) error {
 	}
 	printJSON(result)
 	return nil
+}
+
+// dialUnix makes a client connection to a UNIX socket with our mutual TLS. grpc-go 1.33 has no
+// unix: resolver: the socket is dialled directly. Newer grpc-go (as NSM uses) names UNIX targets
+// "localhost", so the authority and SNI are that here too. No WithBlock: grpc-go 1.33 takes a
+// refused handshake for a temporary error and would retry until the deadline; without it a call
+// fails at once with the handshake's error as its message, which is what the driver wants.
+func dialUnix(ctx context.Context, socket string, own tls.Certificate, roots *x509.CertPool, extra ...grpc.DialOption) (*grpc.ClientConn, error) {
+	options := append([]grpc.DialOption{
+		grpc.WithTransportCredentials(credentials.NewTLS(clientTLS(own, roots))),
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
+			var dialer net.Dialer
+			return dialer.DialContext(ctx, "unix", socket)
+		}),
+		grpc.WithAuthority("localhost"),
+	}, extra...)
+	return grpc.DialContext(ctx, "passthrough:///localhost", options...)
+}
+
+// newCredentials are the sdk's per-RPC token credentials for the SVID `own` (an EC key).
+func newCredentials(own tls.Certificate, lifetime time.Duration, location *time.Location) (*nsmCredentials, error) {
+	key, ok := own.PrivateKey.(*ecdsa.PrivateKey)
+	if !ok {
+		return nil, errors.New("signing tokens needs an EC key")
+	}
+	ownID, err := spiffeID(own.Leaf)
+	if err != nil {
+		return nil, err
+	}
+	return &nsmCredentials{key: key, ownID: ownID, ownNotAfter: own.Leaf.NotAfter, lifetime: lifetime, location: location}, nil
+}
+
+// tlsPeer is what the handshake told about the other end: its TLS info, the ALPN protocol,
+// the TLS version and the SPIFFE ID of its leaf ("" for what is not known).
+func tlsPeer(p peer.Peer) (credentials.TLSInfo, string, string, string) {
+	info, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok {
+		return info, "", "", ""
+	}
+	id := ""
+	if len(info.State.PeerCertificates) > 0 {
+		id, _ = spiffeID(info.State.PeerCertificates[0])
+	}
+	return info, info.State.NegotiatedProtocol, tlsVersionName(info.State.Version), id
 }
 
 func millis(d time.Duration) float64 {
