@@ -272,7 +272,7 @@ class TargetEndpoint:
                     "close of an unknown connection ignored: its key is in use",
                     conn_id=hop.connection.id or "-",
                     key=hop.first_id,
-                    holder=holders[0],
+                    holder=next(iter(holders)),
                 )
             elif hop.first_id.startswith(self.reserved_prefix):
                 logger.warning(
@@ -286,9 +286,9 @@ class TargetEndpoint:
                 await self._forget_unknown(hop)
         return Empty()
 
-    def _holders(self, key: str) -> list[str]:
-        """Our ids of the connections that hold `key`."""
-        return [our_id for our_id, conn in self.connections.items() if conn.key == key]
+    def _holders(self, key: str) -> dict[str, TargetConnection]:
+        """The connections that hold `key`, by our id."""
+        return {our_id: conn for our_id, conn in self.connections.items() if conn.key == key}
 
     async def _forget_unknown(self, hop: Hop) -> None:
         self._addresses.release_later(hop.first_id)
@@ -320,7 +320,7 @@ class TargetEndpoint:
         gone = self.connections.pop(our_id, None)
         if gone is None:
             return
-        others = {i: conn for i, conn in self.connections.items() if conn.key == gone.key}
+        others = self._holders(gone.key)
         if others:
             holder = next(iter(others))
             logger.info("key kept: another connection holds it", key=gone.key, holder=holder)
