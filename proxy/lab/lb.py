@@ -81,7 +81,7 @@ from proxy.rpc import (
     UnavailableError,
     open_channel,
 )
-from proxy.rpc.status import describe_status
+from proxy.rpc.status import describe_failure, describe_status
 from proxy.security.tls import SpiffeTls
 from proxy.watched import Watched
 
@@ -276,7 +276,7 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
                     self._register_sent = True
                     granted = await self.registry.register_endpoint(channel, self.endpoint(asked))
             except (RpcFailedError, trio.TooSlowError, FdPassError) as exc:
-                reason = _reason(exc)
+                reason = describe_failure(exc)
                 if not failing:
                     logger.warning(
                         "registration failed, retrying", nse=settings.name, reason=reason
@@ -335,12 +335,6 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
                     logger.info("route installed", prefix=str(prefix))
             reported = problems
             await trio.sleep(self.settings.route_interval)
-
-
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, RpcFailedError):
-        return describe_status(exc)
-    return "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
 
 
 def _family(network: Network | IPAddress) -> int:

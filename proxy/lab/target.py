@@ -59,7 +59,7 @@ from proxy.nsm.sendfd import (
 )
 from proxy.nsm.wire import seconds
 from proxy.rpc import Address, Backoff, ReconnectingChannel, RpcFailedError, Tls, open_channel
-from proxy.rpc.status import describe_status
+from proxy.rpc.status import describe_failure
 from proxy.security.tls import SpiffeTls
 from proxy.watched import Watched
 
@@ -226,7 +226,9 @@ class Target:
                     restore_mechanism(answer.mechanism, sent)
             except (RpcFailedError, trio.TooSlowError, FdPassError) as exc:
                 if not failing:
-                    log.warning("request failed, retrying with backoff", reason=_reason(exc))
+                    log.warning(
+                        "request failed, retrying with backoff", reason=describe_failure(exc)
+                    )
                 failing = True
                 await trio.sleep(backoff.next_delay())
                 continue
@@ -314,17 +316,13 @@ class Target:
                         await NetworkServiceStub(channel).Close(closing, metadata=metadata)
             except (RpcFailedError, trio.TooSlowError, FdPassError) as exc:
                 logger.warning(
-                    "close failed", conn_id=self.settings.connection_id, reason=_reason(exc)
+                    "close failed",
+                    conn_id=self.settings.connection_id,
+                    reason=describe_failure(exc),
                 )
             else:
                 logger.info("closed", conn_id=self.settings.connection_id)
         await worker.call(self._remove)
-
-
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, RpcFailedError):
-        return describe_status(exc)
-    return "timeout" if isinstance(exc, trio.TooSlowError) else str(exc)
 
 
 def _family(version: int) -> int:

@@ -32,7 +32,7 @@ from proxy.api.registry.registry_pb2 import (
 from proxy.nsm.hoptoken import Signer, call_metadata
 from proxy.nsm.wire import seconds
 from proxy.rpc import Backoff, ReconnectingChannel, RpcFailedError, server_stream
-from proxy.rpc.status import describe_status
+from proxy.rpc.status import describe_failure, describe_status
 
 LIST_TIMEOUT = 5.0  # the first listing; the mesh falls back on NSM_REQUEST_TIMEOUT without it
 
@@ -129,7 +129,7 @@ class Discovery:
                     async for response in responses:
                         await self._apply(response)
         except (RpcFailedError, trio.TooSlowError) as exc:
-            logger.debug("no first listing of the load-balancers", reason=_reason(exc))
+            logger.debug("no first listing of the load-balancers", reason=describe_failure(exc))
             return
         await self._events.send(LbListed(frozenset(self.known)))
 
@@ -175,7 +175,3 @@ class Discovery:
         while True:
             await trio.sleep(max(1.0, min(5.0, self._grace)))
             await self._sweep()
-
-
-def _reason(exc: Exception) -> str:
-    return describe_status(exc) if isinstance(exc, RpcFailedError) else "timed out"

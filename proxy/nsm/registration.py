@@ -37,7 +37,7 @@ from proxy.nsm.hoptoken import Signer
 from proxy.nsm.registry_client import FdPassError, RegistryClient
 from proxy.nsm.wire import seconds, timestamp
 from proxy.rpc import Backoff, Channel, ReconnectingChannel, RpcFailedError
-from proxy.rpc.status import describe_status
+from proxy.rpc.status import describe_failure, describe_status
 from proxy.shutdown import Shutdown
 
 LIFETIME = 60.0  # Meridio forces one minute
@@ -134,7 +134,7 @@ class Registration:
                 self._backoff.reset()
                 return result
             except (RpcFailedError, trio.TooSlowError, FdPassError) as exc:
-                reason = _reason(exc)
+                reason = describe_failure(exc)
                 if failures == 0:
                     logger.warning("registration failed, retrying", step=what, reason=reason)
                 failures += 1
@@ -165,11 +165,3 @@ class Registration:
             logger.warning(
                 "endpoint not unregistered", name=self._name, reason=describe_status(exc)
             )
-
-
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, RpcFailedError):
-        return describe_status(exc)
-    if isinstance(exc, trio.TooSlowError):
-        return "timed out"
-    return str(exc)

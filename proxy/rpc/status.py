@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import trio
 from purerpc.grpclib.exceptions import RpcFailedError
 from purerpc.grpclib.status import Status, StatusCode
 
@@ -38,3 +39,13 @@ def describe_status(error: RpcFailedError) -> str:
     status: Status = error.status
     name = status.status_code.name if isinstance(status.status_code, StatusCode) else "UNKNOWN"
     return f"{name}: {status.status_message}" if status.status_message else name
+
+
+def describe_failure(error: BaseException) -> str:
+    """Why a call failed, for logs: `CODE: message` for a gRPC status, "timed out" for a trio
+    deadline, else the exception's own words."""
+    if isinstance(error, RpcFailedError):
+        return describe_status(error)
+    if isinstance(error, trio.TooSlowError):
+        return "timed out"
+    return str(error)
