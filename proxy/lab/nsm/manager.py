@@ -54,13 +54,16 @@ import re
 import string
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import outcome
 import trio
 from google.protobuf.empty_pb2 import Empty
 from loguru import logger
+
+if TYPE_CHECKING:
+    from loguru import Logger
 from purerpc.grpclib.exceptions import (
     FailedPreconditionError,
     InternalError,
@@ -766,14 +769,21 @@ class Manager:
 
     async def _close_unwired(self, nse: NetworkServiceEndpoint, answer: Connection) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(self.settings.close_timeout):
-            try:
-                await self.call_endpoint(nse, "Close", answer)
-            except RpcFailedError as exc:
-                logger.warning("close towards the endpoint failed", nse=nse.name,
-                               reason=exc.status.status_message)  # fmt: skip
-            else:
+            if await self.close_endpoint(nse, answer, logger):
                 logger.info("endpoint connection closed again: its answer could not be wired",
                             nse=nse.name, conn_id=answer.id)  # fmt: skip
+
+    async def close_endpoint(
+        self, nse: NetworkServiceEndpoint, answer: Connection, log: Logger
+    ) -> bool:
+        """Close `answer` towards the NSE; a failure is logged on `log`, and False."""
+        try:
+            await self.call_endpoint(nse, "Close", answer)
+        except RpcFailedError as exc:
+            log.warning("close towards the endpoint failed", nse=nse.name,
+                        reason=exc.status.status_message)  # fmt: skip
+            return False
+        return True
 
 
 async def _endpoint_netns(answer: Connection, channel: Channel, netns: Netns) -> str | None:
@@ -977,7 +987,7 @@ class _ConnectionTask:
         """After a failure once the NSE answered: nothing may stay half-made."""
         with trio.CancelScope(shield=True):
             with trio.move_on_after(self.manager.settings.close_timeout):
-                await self._close_endpoint(endpoint, answer)
+                await self.manager.close_endpoint(endpoint, answer, self.log)
             await self._disconnect()
             if refresh:
                 await self._forget()
@@ -998,21 +1008,11 @@ class _ConnectionTask:
         forwarder's failure if any."""
         assert self.endpoint is not None
         with trio.move_on_after(budget):
-            await self._close_endpoint(self.endpoint, self.answer)
+            await self.manager.close_endpoint(self.endpoint, self.answer, self.log)
         with trio.CancelScope(shield=True):  # not to be left half-forgotten
             failure = await self._disconnect()
             await self._forget()
         return failure
-
-    async def _close_endpoint(self, endpoint: NetworkServiceEndpoint, answer: Connection) -> None:
-        try:
-            await self.manager.call_endpoint(endpoint, "Close", answer)
-        except RpcFailedError as exc:
-            self.log.warning(
-                "close towards the endpoint failed",
-                nse=endpoint.name,
-                reason=exc.status.status_message,
-            )
 
     async def _disconnect(self) -> str | None:
         try:
