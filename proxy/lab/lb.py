@@ -67,7 +67,7 @@ from proxy.lab.nsm.kernel import MAX_IFNAME, netns_path
 from proxy.nsm.hoptoken import Signer
 from proxy.nsm.path import PathError, server_hop
 from proxy.nsm.registry_client import RegistryClient
-from proxy.nsm.sendfd import NETNS_URL, FdPassError, send_mechanisms
+from proxy.nsm.sendfd import INODE_URL, NETNS_URL, FdPassError, send_mechanisms
 from proxy.nsm.wire import seconds, timestamp
 from proxy.rpc import (
     Address,
@@ -207,7 +207,7 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
         if len(name) > MAX_IFNAME:
             raise InvalidArgumentError(f"interface name {name!r} is longer than {MAX_IFNAME}")
         mechanism.parameters["name"] = name
-        mechanism.parameters["inodeURL"] = netns_url(settings.netns)
+        mechanism.parameters[INODE_URL] = netns_url(settings.netns)
         connection.mechanism.CopyFrom(mechanism)
         connection.network_service_endpoint_name = settings.name
         connection = hop.answer(connection)

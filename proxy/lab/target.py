@@ -44,18 +44,16 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from proxy.api.networkservice.connection_pb2 import Connection, Mechanism
-from proxy.api.networkservice.networkservice_grpc import NetworkServiceStub
 from proxy.api.networkservice.networkservice_pb2 import NetworkServiceRequest
 from proxy.kernel.errors import Exists, KernelError, NoSuchDevice, NotFound, from_netlink_error
 from proxy.kernel.netlink import NetlinkWorker
 from proxy.lab.lb import ETHERNET, KERNEL, netns_url, run_worker
 from proxy.lab.nsm.kernel import validate_ifname
-from proxy.nsm.hoptoken import Signer, sign_request
+from proxy.nsm import nsc
+from proxy.nsm.hoptoken import Signer
 from proxy.nsm.sendfd import (
+    INODE_URL,
     FdPassError,
-    request_mechanisms,
-    restore_mechanism,
-    send_mechanisms,
 )
 from proxy.nsm.wire import seconds
 from proxy.rpc import Address, Backoff, ReconnectingChannel, RpcFailedError, Tls, open_channel
@@ -127,7 +125,7 @@ def initial_request(settings: TargetSettings) -> NetworkServiceRequest:
     connection.path.path_segments.add(name=settings.name, id=settings.connection_id)
     mechanism = Mechanism(cls="LOCAL", type=KERNEL)
     mechanism.parameters["name"] = settings.interface
-    mechanism.parameters["inodeURL"] = netns_url(settings.netns)
+    mechanism.parameters[INODE_URL] = netns_url(settings.netns)
     request.mechanism_preferences.append(mechanism)
     return request
 
@@ -217,13 +215,9 @@ class Target:
         while True:
             try:
                 with trio.fail_after(settings.request_timeout):
-                    channel = await manager.get()
                     sending = NetworkServiceRequest()
                     sending.CopyFrom(request)
-                    sent = send_mechanisms(channel.fds, request_mechanisms(sending))
-                    metadata = sign_request(self.signer, sending.connection, channel)
-                    answer = await NetworkServiceStub(channel).Request(sending, metadata=metadata)
-                    restore_mechanism(answer.mechanism, sent)
+                    answer = await nsc.request(await manager.get(), sending, self.signer)
             except (RpcFailedError, trio.TooSlowError, FdPassError) as exc:
                 if not failing:
                     log.warning(
@@ -308,12 +302,7 @@ class Target:
                     async with open_channel(
                         self.settings.nsm, connect_timeout=1.0, ssl_context=self.client_tls()
                     ) as channel:
-                        closing = Connection()
-                        closing.CopyFrom(self.connection)
-                        if closing.HasField("mechanism"):
-                            send_mechanisms(channel.fds, [closing.mechanism])
-                        metadata = sign_request(self.signer, closing, channel)
-                        await NetworkServiceStub(channel).Close(closing, metadata=metadata)
+                        await nsc.close(channel, self.connection, self.signer)
             except (RpcFailedError, trio.TooSlowError, FdPassError) as exc:
                 logger.warning(
                     "close failed",

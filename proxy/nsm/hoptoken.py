@@ -194,8 +194,8 @@ class RegistryGuard:
     The `path` metadata the caller sent (none, or one that does not parse: a warning and a
     fresh path, as nsmgr goes on) gets the caller's metadata token and ours at our hop; the
     tokens must then be valid, unexpired, chained and the caller's signed by the TLS peer; and
-    a name registered by one SPIFFE ID may be refreshed or unregistered only by that ID
-    (`client_allowed`, for endpoints: `owned`)."""
+    a name registered by one SPIFFE ID (as `registered` records it) may be refreshed or
+    unregistered only by that ID (`client_allowed`)."""
 
     def __init__(self, signer: Signer) -> None:
         self._signer = signer
@@ -208,10 +208,9 @@ class RegistryGuard:
         peer: Peer,
         *,
         registered: bool,
-        owned: bool = True,
     ) -> Admission:
         """Whether the caller may register or unregister `name` (`registered`: the registry
-        holds it now; `owned`: names are kept to their first registrant); PermissionDeniedError
+        holds it now, kept to its first registrant); PermissionDeniedError
         with the reason when not, UNKNOWN for a path that points past its segments (as the
         sdk's updatepath errs)."""
         metadata = tuple(metadata)
@@ -225,7 +224,7 @@ class RegistryGuard:
             path = registry_path_at_server(sent or RegistryPath(), caller.value, own.value)
         except TokenError as exc:
             raise RpcFailedError(Status(StatusCode.UNKNOWN, f"path metadata: {exc}")) from None
-        owners = {name: self.owners[name]} if owned and registered and name in self.owners else {}
+        owners = {name: self.owners[name]} if registered and name in self.owners else {}
         denial = authorize_registration(
             path,
             resource_name=name,

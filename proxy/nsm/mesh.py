@@ -41,7 +41,7 @@ import attrs
 import trio
 from loguru import logger
 
-from proxy.api.networkservice import connection_grpc, networkservice_grpc
+from proxy.api.networkservice import connection_grpc
 from proxy.api.networkservice.connection_pb2 import (
     Connection,
     ConnectionEvent,
@@ -52,17 +52,15 @@ from proxy.api.networkservice.connection_pb2 import (
 from proxy.api.networkservice.networkservice_pb2 import NetworkServiceRequest
 from proxy.kernel.model import IPAddress
 from proxy.kernel.router import RemoveLoadBalancer, RouterEvent, SetLoadBalancer
+from proxy.nsm import nsc
 from proxy.nsm.discovery import LbEvent, LbGone, LbListed, LbSeen
 from proxy.nsm.endpoint import Addresses
-from proxy.nsm.hoptoken import Signer, call_metadata, sign_request
+from proxy.nsm.hoptoken import Signer, call_metadata
 from proxy.nsm.ipcontext import nsc_context
 from proxy.nsm.sendfd import (
     INODE_URL,
     NETNS_URL,
     FdPassError,
-    request_mechanisms,
-    restore_mechanism,
-    send_mechanisms,
 )
 from proxy.nsm.wire import interface_name, seconds
 from proxy.rpc import Backoff, ReconnectingChannel, RpcFailedError, server_stream
@@ -277,12 +275,7 @@ class LbConnection:
             request = NetworkServiceRequest(
                 connection=connection, mechanism_preferences=[mechanism]
             )
-            channel = await self._nsm.get()
-            sent = send_mechanisms(channel.fds, request_mechanisms(request))
-            metadata = sign_request(self.settings.signer, request.connection, channel)
-            stub = networkservice_grpc.NetworkServiceStub(channel)
-            answer: Connection = await stub.Request(request, metadata=metadata)
-            restore_mechanism(answer.mechanism, sent)
+            answer = await nsc.request(await self._nsm.get(), request, self.settings.signer)
         self.requests += 1
         interface = answer.mechanism.parameters.get("name", self.interface) or self.interface
         await self._router.send(SetLoadBalancer(self.id, interface, lb_addresses(answer)))
@@ -292,15 +285,7 @@ class LbConnection:
         await self._router.send(RemoveLoadBalancer(self.id))
         if self.connection is not None:
             try:
-                channel = await self._nsm.get()
-                closing = Connection()
-                closing.CopyFrom(self.connection)
-                if closing.HasField("mechanism"):
-                    send_mechanisms(channel.fds, [closing.mechanism])
-                metadata = sign_request(self.settings.signer, closing, channel)
-                await networkservice_grpc.NetworkServiceStub(channel).Close(
-                    closing, metadata=metadata
-                )
+                await nsc.close(await self._nsm.get(), self.connection, self.settings.signer)
                 logger.info("load-balancer connection closed", conn_id=self.id, nse=self.nse)
             except (RpcFailedError, FdPassError) as exc:
                 logger.warning("close failed", conn_id=self.id, reason=_reason(exc))

@@ -162,7 +162,6 @@ class FdTransceiver:
         self.sent = 0  # descriptors sent so far
         self.received = 0  # descriptors received and held (copies of a held one not counted)
         self.evicted = 0  # held ones closed to make room for newer ones (`max_held`)
-        self.dropped = 0  # received but unusable (fstat failed), closed at once
 
     @property
     def closed(self) -> bool:
@@ -251,7 +250,6 @@ class FdTransceiver:
                 stat = os.fstat(fd)
             except OSError as exc:
                 os.close(fd)
-                self.dropped += 1
                 logger.warning("received descriptor unusable", reason=exc.strerror or str(exc))
                 continue
             key = (stat.st_dev, stat.st_ino)

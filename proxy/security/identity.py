@@ -30,6 +30,7 @@ from proxy.api.workload.workload_grpc import SpiffeWorkloadAPIStub
 from proxy.api.workload.workload_pb2 import X509SVIDRequest
 from proxy.config import Config, IdentitySource
 from proxy.rpc import Backoff, ConnectFailed, RpcFailedError, open_channel, server_stream
+from proxy.rpc.status import describe_status
 from proxy.security.spiffe import (
     Bundle,
     Identity,
@@ -110,7 +111,7 @@ async def follow_workload_api(
         except ConnectFailed as exc:
             reason = str(exc)
         except RpcFailedError as exc:
-            reason = f"{exc.status.status_code.name}: {exc.status.status_message}"
+            reason = describe_status(exc)
         if not down:
             kept = {"keeping": str(identity.value.spiffe_id)} if identity.value else {}
             logger.warning("Workload API unavailable", address=address, reason=reason, **kept)

@@ -96,6 +96,7 @@ from proxy.lab.nsm.registry import (
     deliver,
 )
 from proxy.nsm.hoptoken import Signer, sign_request
+from proxy.nsm.sendfd import INODE_URL
 from proxy.nsm.wire import seconds, timestamp
 from proxy.rpc import (
     AddressError,
@@ -124,7 +125,6 @@ DEFAULT_MTU = 1500
 KERNEL = "KERNEL"
 LOCAL = "LOCAL"
 NAME = "name"  # mechanism parameter: the interface name
-INODE_URL = "inodeURL"  # mechanism parameter: the network namespace
 IFNAMSIZ = 15  # characters in a Linux interface name, at most
 NO_VALUE = "<no value>"  # what Go's text/template prints for a missing map key
 _IFNAME_RANDOM = string.digits + string.ascii_letters

@@ -489,14 +489,11 @@ def admit(
     request: CallContext,
     *,
     registered: bool = False,
-    owned: bool = True,
 ) -> Admission | None:
     """The guard's checks (none in plain text); `answer` the result once the call succeeds."""
     if guard is None:
         return None
-    return guard.check(
-        name, request.custom_metadata, request.peer, registered=registered, owned=owned
-    )
+    return guard.check(name, request.custom_metadata, request.peer, registered=registered)
 
 
 def answer(admission: Admission | None, request: CallContext) -> None:
@@ -515,7 +512,7 @@ class NetworkServiceRegistryServicer(registry_grpc.NetworkServiceRegistryService
     async def Register(self, message: NetworkService, request: CallContext) -> NetworkService:
         if not message.name:
             raise InvalidArgumentError("the network service has no name")
-        admission = admit(self._guard, message.name, request, owned=False)
+        admission = admit(self._guard, message.name, request)
         stored = await self._registry.register_service(message)
         answer(admission, request)
         return stored
@@ -536,7 +533,7 @@ class NetworkServiceRegistryServicer(registry_grpc.NetworkServiceRegistryService
                 changes.close()
 
     async def Unregister(self, message: NetworkService, request: CallContext) -> Empty:
-        admission = admit(self._guard, message.name, request, owned=False)
+        admission = admit(self._guard, message.name, request)
         await self._registry.unregister_service(message)
         answer(admission, request)
         return Empty()
