@@ -97,7 +97,6 @@ __all__ = [
     "run_lb",
     "run_worker",
     "select_mechanism",
-    "timestamp",
 ]
 
 KERNEL = "KERNEL"

@@ -42,8 +42,9 @@ import trio
 
 from proxy.api.health.v1 import health_grpc
 from proxy.api.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from proxy.config import parse_duration
 from proxy.lab import traffic
-from proxy.lab.topology import OUTSIDE_HOST, Topology, TopologyError, ip_json
+from proxy.lab.topology import HEALTH_SERVICES, OUTSIDE_HOST, Topology, TopologyError, ip_json
 from proxy.rpc import open_channel, server_stream
 
 __all__ = [
@@ -159,9 +160,10 @@ class Round:
     seen: dict[str, int]  # packets the outside host saw from each LB
     answers: dict[traffic.FlowKey, traffic.Answer]
     elapsed: float  # seconds the exchange took
+    failed: frozenset[traffic.FlowKey] = attrs.field(init=False)
 
-    @property
-    def failed(self) -> frozenset[traffic.FlowKey]:
+    @failed.default
+    def _failed(self) -> frozenset[traffic.FlowKey]:
         return frozenset(key for key, answer in self.answers.items() if not answer.ok)
 
     def on(self, lb: str) -> list[traffic.FlowKey]:
@@ -186,11 +188,10 @@ class FlowProbe:
     def keys(self) -> list[traffic.FlowKey]:
         return [flow.key for flows in self.flow_sets for flow in flows.flows]
 
-    async def open(self, targets: Iterable[int] | None = None) -> None:
-        """Open `udp` and `tcp` more flows from each VIP of `targets` (default: every target)."""
+    async def open(self) -> None:
+        """Open `udp` and `tcp` more flows from each VIP of every target."""
         topology = self.topology
-        chosen = sorted(topology.targets) if targets is None else list(targets)
-        for index in chosen:
+        for index in sorted(topology.targets):
             for version in topology.families:
                 flows = traffic.FlowSet(
                     topology.netns(topology.targets[index].name),
@@ -206,9 +207,9 @@ class FlowProbe:
             flows.aclose_sync()
         self.flow_sets = []
 
-    async def round(self, flow_sets: list[traffic.FlowSet] | None = None) -> Round:
-        """One message on every flow (of `flow_sets`, default all) and where each went."""
-        chosen = self.flow_sets if flow_sets is None else flow_sets
+    async def round(self) -> Round:
+        """One message on every flow and where each went."""
+        chosen = self.flow_sets
         await trio.sleep(SETTLE)  # whatever went before (TCP handshakes) counted and seen
         before = await self.topology.counters()
         self.recorder.reset()
@@ -240,10 +241,10 @@ class FlowProbe:
 
 @asynccontextmanager
 async def flow_probe(
-    topology: Topology, *, udp: int = 100, tcp: int = 20, open_now: bool = True
+    topology: Topology, *, udp: int = 100, tcp: int = 20
 ) -> AsyncIterator[FlowProbe]:
-    """A FlowProbe with the outside host's echo server and path recorder running (and, with
-    `open_now`, its flows open) while the body runs."""
+    """A FlowProbe with the outside host's echo server and path recorder running and its flows
+    open while the body runs."""
     probe = FlowProbe(topology, udp, tcp)
     async with trio.open_nursery() as nursery:
         await nursery.start(
@@ -254,8 +255,7 @@ async def flow_probe(
         )
         await nursery.start(probe.recorder.run)
         try:
-            if open_now:
-                await probe.open()
+            await probe.open()
             yield probe
         finally:
             probe.close()
@@ -361,12 +361,12 @@ async def leaked_records(topology: Topology) -> dict[str, str]:
 async def wait_rebalanced(topology: Topology, name: str, within: float = 10.0) -> float:
     """Until LB `name` holds buckets in every resilient group of the proxy (at once for a plain
     multipath route); the seconds taken."""
-    from proxy.lab.status import collect
+    from proxy.lab.status import nexthop_groups
 
     started = trio.current_time()
 
     async def holds() -> bool:
-        groups = (await collect(topology))["proxy"]["groups"]
+        groups = await nexthop_groups(topology, await topology.lb_addresses())
         return all(
             member["buckets"]
             for group in groups.values()
@@ -580,8 +580,8 @@ async def proxy_restart(
         killed = time.monotonic()
         ready = await topology.restart_proxy(signal.SIGKILL)
         await trio.sleep(AFTER)
-    release_delay = 1.0 + 0.5  # the lab's NSM_IP_RELEASE_DELAY, and some
-    await trio.sleep(release_delay)
+    env = topology.proxy_environment()
+    await trio.sleep(float(parse_duration(env["NSM_IP_RELEASE_DELAY"])) + 0.5)
     after = await Snapshot.take(topology)
     return ProxyRestartFigures(
         ready_s=ready,
@@ -593,8 +593,6 @@ async def proxy_restart(
 
 
 # -- peer restarts -----------------------------------------------------------------------------
-
-WATCHED = ("Readiness", "Liveness", "IPAMCli", "NSPCli", "NSMEndpoint", "Egress")
 
 
 @attrs.frozen
@@ -620,7 +618,7 @@ async def peer_restart(
     """Stop a peer, keep it away `down_for` seconds, start it again, all while streams run and
     the proxy's health is watched; wait until every health service is SERVING again, and keep
     the streams running `after` seconds more."""
-    health = HealthLog(topology, WATCHED)
+    health = HealthLog(topology, HEALTH_SERVICES)
     async with trio.open_nursery() as nursery:
         await nursery.start(health.run)
         async with stream_set(topology, per_family=per_family, rate=rate) as streams:
@@ -636,7 +634,7 @@ async def peer_restart(
         peer=peer,
         down_s=down,
         streams=StreamFigures.of(streams, streams.streams, stopped),
-        statuses={s: health.statuses(s, stopped) for s in WATCHED},
-        not_serving_s={s: health.down_for(s, stopped) for s in WATCHED},
+        statuses={s: health.statuses(s, stopped) for s in HEALTH_SERVICES},
+        not_serving_s={s: health.down_for(s, stopped) for s in HEALTH_SERVICES},
         ready_again_s=ready,
     )

@@ -8,7 +8,6 @@ Not for production: the CA key lives in memory (or a file the lab writes with mo
 from __future__ import annotations
 
 import datetime
-import secrets
 from pathlib import Path
 
 import attrs
@@ -104,7 +103,7 @@ class LabCa:
             .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIRE")]))
             .issuer_name(self.certificate.subject)
             .public_key(key.public_key())
-            .serial_number(int.from_bytes(secrets.token_bytes(16), "big") >> 1)
+            .serial_number(x509.random_serial_number())
             .not_valid_before(start)
             .not_valid_after(start + lifetime)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

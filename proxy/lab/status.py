@@ -86,8 +86,7 @@ async def collect(topology: Topology) -> dict[str, Any]:
     health: dict[str, str] = {}
     if proxy_running:
         health = await _safe(topology.health(), {})
-    nexthops = await _safe(topology.nexthops(), []) if proxy_ns else []
-    groups = await _groups(proxy_ns, nexthops, names)
+    groups = await nexthop_groups(topology, names)
     if proxy_ns:
         for version, gateways in (await _safe(topology.multipath_gateways(), {})).items():
             groups[str(version)] = {
@@ -182,6 +181,14 @@ async def collect(topology: Topology) -> dict[str, Any]:
             }
         )
     return document
+
+
+async def nexthop_groups(topology: Topology, names: dict[str, str]) -> dict[str, Any]:
+    """The proxy's nexthop groups by family, each member named by its LB (`names`: gateway
+    address -> LB name)."""
+    proxy_ns = topology.state.namespaces.get("proxy")
+    nexthops = await _safe(topology.nexthops(), []) if proxy_ns else []
+    return await _groups(proxy_ns, nexthops, names)
 
 
 async def _groups(
