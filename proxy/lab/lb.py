@@ -67,7 +67,7 @@ from proxy.lab.nsm.kernel import MAX_IFNAME, netns_path
 from proxy.nsm.hoptoken import Signer
 from proxy.nsm.path import PathError, server_hop
 from proxy.nsm.registry_client import RegistryClient
-from proxy.nsm.sendfd import INODE_URL, NETNS_URL, FdPassError, send_mechanisms
+from proxy.nsm.sendfd import INODE_URL, NETNS_URL, FdPassError, send_answer
 from proxy.nsm.wire import seconds, timestamp
 from proxy.rpc import (
     Address,
@@ -78,7 +78,6 @@ from proxy.rpc import (
     ReconnectingChannel,
     RpcFailedError,
     Tls,
-    UnavailableError,
     open_channel,
 )
 from proxy.rpc.status import describe_failure, describe_status
@@ -221,10 +220,7 @@ class LoadBalancer(NetworkServiceServicer):  # type: ignore[misc]  # untyped gen
         )
         answer = Connection()
         answer.CopyFrom(connection)
-        try:  # the namespace as a descriptor (sendfd server), the answer naming it inode://
-            send_mechanisms(request.fds, [answer.mechanism])
-        except FdPassError as exc:
-            raise UnavailableError(str(exc)) from None
+        send_answer(request.fds, answer)
         return answer
 
     async def Close(self, message: Connection, request: CallContext) -> Empty:

@@ -52,7 +52,7 @@ from proxy.kernel.router import RouterEvent, SetTargetPort
 from proxy.nsm.hoptoken import Signer
 from proxy.nsm.ipcontext import context_problems, nse_context
 from proxy.nsm.path import Hop, PathError, server_hop
-from proxy.nsm.sendfd import INODE_URL, NETNS_URL, FdPassError, send_mechanisms
+from proxy.nsm.sendfd import INODE_URL, NETNS_URL, send_answer
 from proxy.nsm.wire import interface_name, seconds, timestamp
 from proxy.rpc import CallContext, InvalidArgumentError, UnavailableError
 from proxy.watched import Watched
@@ -214,10 +214,7 @@ class TargetEndpoint:
                 interface=interface or "-",
             )
             answer = hop.answer(connection)
-        try:  # last, as the sdk's sendfd server: what we keep names our namespace by its path
-            send_mechanisms(context.fds, [answer.mechanism])
-        except FdPassError as exc:
-            raise UnavailableError(str(exc)) from None
+        send_answer(context.fds, answer)
         return answer
 
     def _accepted(self, message: NetworkServiceRequest) -> tuple[Hop, Mechanism]:

@@ -11,7 +11,7 @@ network namespace than the one it means).
 * Registering our endpoint: a `unix://` URL is replaced by its socket file's `inode://` URL and
   the socket file sent (`send_endpoint_url`); nsmgr dials us through the descriptor.
 * As an endpoint (our answers to nsmgr): the answer's `file://` inodeURL (our own namespace,
-  as the sdk's kernel mechanism server sets it) is sent back likewise.
+  as the sdk's kernel mechanism server sets it) is sent back likewise (`send_answer`).
 
 Without a descriptor channel (`fds` None: a TCP connection) the URLs go as they are, as grpcfd
 leaves them when it cannot pass descriptors. A file that cannot be opened, or a connection that
@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from proxy.api.networkservice.connection_pb2 import Mechanism
+from proxy.api.networkservice.connection_pb2 import Connection, Mechanism
 from proxy.api.networkservice.networkservice_pb2 import NetworkServiceRequest
+from proxy.rpc import UnavailableError
 from proxy.rpc.fdpass import FdPassError, FdTransceiver, FdUrlError
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "FdPassError",
     "request_mechanisms",
     "restore_mechanism",
+    "send_answer",
     "send_endpoint_url",
     "send_mechanisms",
 ]
@@ -84,6 +86,16 @@ def restore_mechanism(mechanism: Mechanism, sent: dict[str, str]) -> None:
     url = mechanism.parameters.get(INODE_URL, "")
     if url in sent:
         mechanism.parameters[INODE_URL] = sent[url]
+
+
+def send_answer(fds: FdTransceiver | None, answer: Connection) -> None:
+    """An endpoint's side (the sdk's sendfd server): the answer's namespace goes as a
+    descriptor, named `inode://` in it; UNAVAILABLE when it cannot, as the call cannot be
+    answered meaningfully then. Done last: what the endpoint keeps names it by its path."""
+    try:
+        send_mechanisms(fds, [answer.mechanism])
+    except FdPassError as exc:
+        raise UnavailableError(str(exc)) from None
 
 
 def send_endpoint_url(fds: FdTransceiver | None, url: str) -> str:
