@@ -93,13 +93,15 @@ class Signer:
     def of(cls, tls: SpiffeTls, max_lifetime: float) -> Signer:
         return cls(tls.identity, max_lifetime, tls.identity_of)
 
-    def token_for(self, peer: Peer, local: ssl.SSLContext | None = None) -> Token:
-        """A token for the TLS peer `peer` (its SPIFFE ID as the audience), signed with the
-        SVID of our end's context `local` when it is one of ours."""
+    def token_for(
+        self, certificate: x509.Certificate | None, local: ssl.SSLContext | None = None
+    ) -> Token:
+        """A token for the TLS peer whose leaf is `certificate` (its SPIFFE ID as the
+        audience; none without one), signed with the SVID of our end's context `local` when it
+        is one of ours."""
         identity = self.sources(local) or self.identity.value
         if identity is None:
             raise IdentityError("no identity to sign with")
-        certificate = peer_certificate(peer)
         peer_id = peer_not_after = None
         if certificate is not None:
             peer_id = str(certificate_spiffe_id(certificate))
@@ -119,15 +121,17 @@ class Signer:
     def client_call(self, connection: Connection, channel: Channel) -> Metadata:
         """updatetoken client: sign our segment (at `path.index`) for the peer of `channel`;
         the metadata for the call (the same token)."""
-        token = self.token_for(channel.connection.peer, channel.connection.tls_context)
+        token = self._token_on(channel)
         _set(connection.path.path_segments[connection.path.index], token)
         return token_metadata(token)
 
     def metadata_for(self, channel: Channel) -> Metadata:
         """The per-RPC token metadata alone (registry calls, MonitorConnections)."""
-        return token_metadata(
-            self.token_for(channel.connection.peer, channel.connection.tls_context)
-        )
+        return token_metadata(self._token_on(channel))
+
+    def _token_on(self, channel: Channel) -> Token:
+        connection = channel.connection
+        return self.token_for(peer_certificate(connection.peer), connection.tls_context)
 
     # -- server ----------------------------------------------------------------------------------
 
@@ -164,11 +168,12 @@ class Signer:
         # To the nanosecond, as sent (a datetime would stop at microseconds).
         previous.expires.CopyFrom(Timestamp(seconds=caller.expires_ns // 1_000_000_000,
                                             nanos=caller.expires_ns % 1_000_000_000))  # fmt: skip
-        _set(path.path_segments[path.index], self.token_for(peer))
+        certificate = peer_certificate(peer)
+        _set(path.path_segments[path.index], self.token_for(certificate))
         denial: Denial | None = authorize_request(
             path,
             now=self.clock(),
-            peer_certificate=peer_certificate(peer),
+            peer_certificate=certificate,
             expiry_scope=ExpiryScope.FROM_INDEX if closing else ExpiryScope.LEFT_SIDE,
         )
         if denial is not None:
@@ -218,7 +223,8 @@ class RegistryGuard:
             caller = read_token_metadata(metadata)
         except TokenError as exc:
             raise PermissionDeniedError(f"caller token: {exc}") from None
-        own = self._signer.token_for(peer)
+        certificate = peer_certificate(peer)
+        own = self._signer.token_for(certificate)
         sent = _sent_path(name, metadata)
         try:
             path = registry_path_at_server(sent or RegistryPath(), caller.value, own.value)
@@ -230,7 +236,7 @@ class RegistryGuard:
             resource_name=name,
             path_ids=owners,
             now=self._signer.clock(),
-            peer_certificate=peer_certificate(peer),
+            peer_certificate=certificate,
         )
         if denial is not None:
             logger.warning("registration denied", name=name, policy=denial.policy.value,
