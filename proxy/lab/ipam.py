@@ -356,6 +356,6 @@ async def serve_ipam(
             address,
             tasks,
             context=context,
-            tls=tls.server() if tls else None,
+            tls=tls,
             task_status=task_status,
         )

@@ -439,8 +439,7 @@ async def run_lb(
         try:
             await nursery.start(run_worker, worker, worker_scope)
             await worker.call(lambda ipr: _prepare_namespace(ipr, settings.outside))
-            server_tls = settings.tls.server() if settings.tls else None
-            await nursery.start(partial(serve, [lb], settings.listen, tls=server_tls))
+            await nursery.start(partial(serve, [lb], settings.listen, tls=settings.tls))
         except OSError as exc:
             failure = exc
         else:

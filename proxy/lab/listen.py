@@ -9,29 +9,32 @@ from typing import Any
 import trio
 from loguru import logger
 
-from proxy.rpc import Address, Server, TcpAddress, Tls, UnixAddress
+from proxy.rpc import Address, Server, TcpAddress, UnixAddress
+from proxy.security.tls import SpiffeTls
 
 
 async def serve(
     servicers: Iterable[Any],
     address: Address,
     *,
-    tls: Tls | None = None,
+    tls: SpiffeTls | None = None,
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled (a unix socket file is removed after), over mutual TLS with `tls`.
+    """Serve until cancelled (a unix socket file is removed after), over mutual TLS with the
+    identity `tls` holds (plain text without).
     `nursery.start` returns the address bound (for `TcpAddress(host, 0)`, with the port the
     kernel picked); a failure to listen is raised from it as the bare OSError."""
     server = Server(servicers)
+    server_tls = tls.server() if tls else None
     if isinstance(address, UnixAddress):
         await server.serve_unix(
-            address.path, ssl_context=tls, task_status=_Relay(task_status, lambda _: address)
+            address.path, ssl_context=server_tls, task_status=_Relay(task_status, lambda _: address)
         )
     else:
         await server.serve_tcp(
             address.host or None,
             address.port,
-            ssl_context=tls,
+            ssl_context=server_tls,
             task_status=_Relay(task_status, lambda port: TcpAddress(address.host, port)),
         )
 
@@ -55,7 +58,7 @@ async def serve_with_tasks(
     tasks: Iterable[Callable[[], Awaitable[Any]]] = (),
     *,
     context: Mapping[str, Any] | None = None,
-    tls: Tls | None = None,
+    tls: SpiffeTls | None = None,
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve, and run `tasks` beside the server once it listens, until cancelled. A failure to

@@ -262,6 +262,6 @@ async def serve_nsp(
         address,
         [source.poll],
         context={"path": config_path, **source.config.value.summary()},
-        tls=tls.server() if tls else None,
+        tls=tls,
         task_status=task_status,
     )

@@ -92,8 +92,7 @@ async def serve_nsm(
         await nursery.start(registry.run)
         await nursery.start(manager.run)
         try:
-            server_tls = tls.server() if tls else None
-            await nursery.start(partial(serve, servicers, UnixAddress(path), tls=server_tls))
+            await nursery.start(partial(serve, servicers, UnixAddress(path), tls=tls))
         except OSError as exc:
             # Raised below, outside the nursery: the bare OSError, not an exception group.
             failure = exc
