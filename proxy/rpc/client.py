@@ -49,7 +49,7 @@ from purerpc.wrappers import ClientStubUnaryStream, ClientStubUnaryUnary
 import proxy
 from proxy.rpc.address import Address, UnixAddress, parse_address
 from proxy.rpc.backoff import Backoff
-from proxy.rpc.connection import Connection, Peer, RpcStream, StreamGone, unix_peer
+from proxy.rpc.connection import Connection, Peer, RpcStream, StreamGone, tls_peer, unix_peer
 from proxy.rpc.fdpass import FdTransceiver, open_fd_stream
 from proxy.rpc.status import encode_timeout
 from proxy.rpc.tls import Tls, as_tls
@@ -99,11 +99,7 @@ async def connect(
     if tls.selected_alpn_protocol() not in ("h2", None):
         await trio.aclose_forcefully(tls)
         raise ConnectFailed(f"{address} did not agree to HTTP/2 (ALPN)")
-    peer = attrs.evolve(
-        peer,
-        certificate=tls.getpeercert(),
-        certificate_der=tls.getpeercert(binary_form=True),
-    )
+    peer = tls_peer(peer, tls)
     refused = tls_settings.refusal(peer)
     if refused is not None:
         await trio.aclose_forcefully(tls)

@@ -515,3 +515,12 @@ def unix_peer(sock: trio.socket.SocketType) -> Peer:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", creds)
     return Peer(address=f"unix:{sock.getsockname() or '@'}", pid=pid, uid=uid, gid=gid)
+
+
+def tls_peer(peer: Peer, stream: trio.SSLStream[Any]) -> Peer:
+    """`peer` with the certificate it presented in the TLS handshake of `stream`."""
+    return attrs.evolve(
+        peer,
+        certificate=stream.getpeercert(),
+        certificate_der=stream.getpeercert(binary_form=True),
+    )

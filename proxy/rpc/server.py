@@ -47,7 +47,7 @@ from purerpc.grpclib.exceptions import RpcFailedError
 from purerpc.grpclib.status import Status, StatusCode
 from purerpc.rpc import Cardinality
 
-from proxy.rpc.connection import Connection, Peer, RpcStream, StreamGone, unix_peer
+from proxy.rpc.connection import Connection, Peer, RpcStream, StreamGone, tls_peer, unix_peer
 from proxy.rpc.fdpass import FdStream, FdTransceiver
 from proxy.rpc.tls import Tls, as_tls
 
@@ -185,11 +185,7 @@ class Server:
                 logger.warning("TLS handshake timed out", peer=peer.address)
                 await trio.aclose_forcefully(secured)
                 return
-            peer = attrs.evolve(
-                peer,
-                certificate=secured.getpeercert(),
-                certificate_der=secured.getpeercert(binary_form=True),
-            )
+            peer = tls_peer(peer, secured)
             refused = tls.refusal(peer)
             if refused is not None:
                 logger.warning("TLS peer refused", peer=peer.address, reason=refused)
